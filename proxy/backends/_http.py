@@ -1,0 +1,160 @@
+"""HTTP plumbing shared by the backend adapters, and the one place httpx exceptions become ours.
+
+Each backend gets one pooled ``httpx.AsyncClient``. Three timeouts apply:
+connecting, waiting for the first byte of the answer (long, since a cold node may
+be loading a model), and the idle gap between two chunks of a stream. httpx has a
+single read timeout for both of the last two, so they are enforced here instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import orjson
+
+from ..config import BackendConfig, TimeoutConfig
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ProxyError
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class UpstreamStatus(Exception):
+    """A non-2xx answer, before the adapter maps it: status and the decoded error message."""
+
+    def __init__(self, status: int, message: str, body: object) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+def _error_message(raw: bytes) -> tuple[str, object]:
+    """The message inside an error body: Ollama ``{"error": str}``, OpenAI/vLLM nested or flat."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:500].decode("utf-8", "replace").strip(), None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", "")), body
+        if isinstance(err, str):
+            return err, body
+        if "message" in body:  # vLLM before 0.10.1: a flat {"object": "error", "message": ...}
+            return str(body["message"]), body
+        if "detail" in body:  # FastAPI-style servers
+            return str(body["detail"]), body
+    return raw[:500].decode("utf-8", "replace"), body
+
+
+class Upstream:
+    """A backend's base URL, pooled client and timeouts."""
+
+    def __init__(self, config: BackendConfig, timeouts: TimeoutConfig) -> None:
+        self.name = config.name
+        self.timeouts = timeouts
+        headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.client = httpx.AsyncClient(
+            base_url=config.url.rstrip("/"),
+            headers=headers,
+            # read=None: first-byte and idle timeouts are enforced around each read below.
+            timeout=httpx.Timeout(connect=timeouts.connect, read=None, write=timeouts.connect, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60),
+            trust_env=False,  # a proxy from the environment must not sit between us and a LAN node
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _map(self, exc: Exception, during: str) -> ProxyError:
+        name = self.name
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+            return BackendUnavailable(f"backend {name!r} is unreachable ({type(exc).__name__}) while {during}")
+        if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            return BackendTimeout(f"backend {name!r} timed out while {during}")
+        if isinstance(exc, httpx.HTTPError):
+            return BackendError(f"backend {name!r} dropped the connection while {during} ({type(exc).__name__})")
+        raise exc
+
+    @asynccontextmanager
+    async def _mapped(self, during: str):
+        try:
+            yield
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise self._map(exc, during) from exc
+
+    async def get_json(self, path: str, timeout: float | None = None) -> object:
+        """A small GET (tags, models, version); a non-2xx answer raises :class:`UpstreamStatus`."""
+        async with self._mapped(f"requesting {path}"), asyncio.timeout(timeout or self.timeouts.connect * 2):
+            resp = await self.client.get(path)
+        if resp.status_code >= 300:
+            message, body = _error_message(resp.content)
+            raise UpstreamStatus(resp.status_code, message, body)
+        try:
+            return orjson.loads(resp.content) if resp.content else None
+        except orjson.JSONDecodeError:
+            raise BackendError(f"backend {self.name!r} answered {path} with invalid JSON") from None
+
+    async def post(self, path: str, body: bytes, *, stream: bool) -> httpx.Response:
+        """Send a POST and wait (up to first_byte) for the status line and headers.
+
+        The caller owns the returned response and must close it. A non-2xx
+        answer is read, closed and raised as :class:`UpstreamStatus`.
+        """
+        request = self.client.build_request(
+            "POST", path, content=body, headers={"content-type": "application/json"}
+        )
+        async with self._mapped(f"waiting for the first byte from {path}"):
+            async with asyncio.timeout(self.timeouts.first_byte):
+                resp = await self.client.send(request, stream=True)
+                if resp.status_code >= 300 or not stream:
+                    try:
+                        raw = await resp.aread()  # an error body, or a whole non-stream answer
+                    finally:
+                        await resp.aclose()
+                    if resp.status_code >= 300:
+                        message, err = _error_message(raw[:_ERROR_BODY_LIMIT])
+                        raise UpstreamStatus(resp.status_code, message, err)
+        return resp
+
+    async def chunks(self, resp: httpx.Response) -> AsyncIterator[bytes]:
+        """The raw body of a streamed response, each read bounded by the idle timeout."""
+        idle = self.timeouts.idle
+        reader = resp.aiter_raw().__aiter__()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await reader.__anext__()
+                except StopAsyncIteration:
+                    return
+                except (httpx.HTTPError, TimeoutError) as exc:
+                    raise self._map(exc, "streaming the answer") from exc
+                yield chunk
+        finally:
+            await resp.aclose()
+
+    async def lines(self, resp: httpx.Response) -> AsyncIterator[dict]:
+        """NDJSON objects from a streamed response (Ollama)."""
+        pending = b""
+        async for chunk in self.chunks(resp):
+            if pending:
+                chunk = pending + chunk
+            *complete, pending = chunk.split(b"\n")
+            for line in complete:
+                if line.strip():
+                    yield self._decode(line)
+        if pending.strip():
+            yield self._decode(pending)
+
+    def _decode(self, line: bytes) -> dict:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise BackendError(f"backend {self.name!r} sent a line that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise BackendError(f"backend {self.name!r} sent a line that is not a JSON object")
+        return obj

@@ -1,0 +1,85 @@
+"""What every backend adapter offers the router, and the shapes it answers with."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..config import BackendConfig
+
+
+@dataclass
+class Stream:
+    """An answer being streamed as SSE frames.
+
+    The adapter has already read the first frame before returning one of these,
+    so any failure to start surfaces as an exception while the router can still
+    try another backend; after that, bytes go to the client as they arrive.
+    """
+
+    frames: AsyncIterator[bytes]
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.frames
+
+    async def aclose(self) -> None:
+        await self.frames.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as a backend lists it (Ollama /api/tags, OpenAI /v1/models)."""
+
+    name: str
+    created: int = 0
+    details: dict = field(default_factory=dict, compare=False)
+
+
+Reply = bytes | Stream  # a whole JSON body, or a stream of SSE frames
+
+
+class Backend(Protocol):
+    config: BackendConfig
+
+    @property
+    def name(self) -> str: ...
+
+    async def chat(self, body: dict, target: str) -> Reply:
+        """``body`` is a validated OpenAI chat request; ``target`` the backend's model name."""
+
+    async def completion(self, body: dict, target: str) -> Reply: ...
+
+    async def embeddings(self, body: dict, target: str) -> bytes: ...
+
+    async def list_models(self) -> list[ServedModel]: ...
+
+    def model_key(self, name: str) -> str:
+        """The form two names that mean the same model share (Ollama: ``llama3`` is ``llama3:latest``)."""
+
+    async def aclose(self) -> None: ...
+
+
+async def primed(frames: AsyncIterator[bytes]) -> Stream:
+    """Read until the first non-empty frame, so start-up failures raise here, then hand over the rest."""
+    first = b""
+    try:
+        while not first:
+            first = await frames.__anext__()
+    except StopAsyncIteration:
+        pass
+    except BaseException:
+        await frames.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chain() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for frame in frames:
+                if frame:
+                    yield frame
+        finally:
+            await frames.aclose()  # type: ignore[attr-defined]
+
+    return Stream(chain())

@@ -1,0 +1,146 @@
+"""Adapter for Ollama's native API. I/O only: the translation lives in ``proxy.translate``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+import re
+from datetime import datetime
+
+import orjson
+
+from ..config import BackendConfig, TimeoutConfig
+from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..translate import ollama_chat, ollama_text
+from ._http import Upstream, UpstreamStatus
+from .base import Reply, ServedModel, primed
+
+# Ollama's 400 messages that point at one request field, so the client's error can name it.
+_PARAM_HINTS = (("support tools", "tools"), ("support thinking", "reasoning_effort"),
+                ("think value", "think"), ("top_logprobs", "top_logprobs"), ("image", "messages"),
+                ("context length", "messages"))  # fmt: skip
+
+
+_NANOS = re.compile(r"(\.\d{6})\d+")
+
+
+def normalize(name: str) -> str:
+    """Ollama's canonical form: ``library/`` dropped, ``:latest`` added when there is no tag."""
+    if name.startswith("library/"):
+        name = name[len("library/") :]
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else name + ":latest"
+
+
+def _created(modified_at: str | None) -> int:
+    if not modified_at:
+        return 0
+    try:  # Go writes nanoseconds; fromisoformat takes at most microseconds
+        return int(datetime.fromisoformat(_NANOS.sub(r"\1", modified_at)).timestamp())
+    except ValueError:
+        return 0
+
+
+class OllamaBackend:
+    def __init__(self, config: BackendConfig, timeouts: TimeoutConfig) -> None:
+        self.config = config
+        self.http = Upstream(config, timeouts)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def model_key(self, name: str) -> str:
+        return normalize(name)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def _error(self, exc: UpstreamStatus, target: str) -> ProxyError:
+        msg, where = exc.message, f"backend {self.name!r}"
+        if exc.status == 404:
+            return ModelNotFound(f"model {target!r} is not available on {where}: {msg}", param="model")
+        if exc.status in (503, 429):  # Ollama's queue is full: another node may take it
+            return BackendUnavailable(f"{where} is busy: {msg}")
+        if exc.status in (401, 403):
+            return BackendError(f"{where} refused the proxy's credentials ({exc.status})")
+        if 400 <= exc.status < 500:
+            param = next((p for hint, p in _PARAM_HINTS if hint in msg), None)
+            return BackendRejected(f"{where} rejected the request: {msg}", param=param)
+        return BackendError(f"{where} failed ({exc.status}): {msg}")
+
+    async def _lines(self, path: str, native: dict, target: str) -> AsyncIterator[dict]:
+        try:
+            resp = await self.http.post(path, orjson.dumps(native), stream=True)
+        except UpstreamStatus as exc:
+            raise self._error(exc, target) from None
+        done = False
+        async for line in self.http.lines(resp):
+            if "error" in line:  # once streaming has begun, Ollama reports failures in-band
+                raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
+            yield line
+            if line.get("done"):
+                done = True
+                break
+        if not done:
+            raise BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
+
+    async def _frames(self, lines: AsyncIterator[dict], translator) -> AsyncIterator[bytes]:
+        try:
+            async for line in lines:
+                yield translator.feed(line)
+        finally:
+            await lines.aclose()  # type: ignore[attr-defined]
+
+    async def _collect(self, lines: AsyncIterator[dict], aggregate) -> bytes:
+        try:
+            async for line in lines:
+                aggregate.feed(line)
+        finally:
+            await lines.aclose()  # type: ignore[attr-defined]
+        return orjson.dumps(aggregate.result())
+
+    async def chat(self, body: dict, target: str) -> Reply:
+        native, shape = ollama_chat.chat_request(body, target)
+        lines = self._lines("/api/chat", native, target)
+        if body.get("stream"):
+            return await primed(self._frames(lines, ollama_chat.ChatStream(shape)))
+        return await self._collect(lines, ollama_chat.ChatAggregate(shape))
+
+    async def completion(self, body: dict, target: str) -> Reply:
+        native, shape = ollama_text.completion_request(body, target)
+        lines = self._lines("/api/generate", native, target)
+        if body.get("stream"):
+            return await primed(self._frames(lines, ollama_text.TextStream(shape)))
+        return await self._collect(lines, ollama_text.TextAggregate(shape))
+
+    async def embeddings(self, body: dict, target: str) -> bytes:
+        native = ollama_text.embed_request(body, target)
+        try:
+            resp = await self.http.post("/api/embed", orjson.dumps(native), stream=False)
+        except UpstreamStatus as exc:
+            raise self._error(exc, target) from None
+        try:
+            answer = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            raise BackendError(f"backend {self.name!r} answered /api/embed with invalid JSON") from None
+        return orjson.dumps(ollama_text.embed_response(answer, body["model"], body.get("encoding_format")))
+
+    async def list_models(self) -> list[ServedModel]:
+        try:
+            tags = await self.http.get_json("/api/tags")
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered /api/tags with {exc.status}") from None
+        models = []
+        for entry in (tags or {}).get("models") or ():
+            name = entry.get("model") or entry.get("name")
+            if name:
+                models.append(ServedModel(name, _created(entry.get("modified_at")), entry))
+        return models
+
+    async def show(self, target: str) -> dict:
+        """``/api/show``: template, capabilities and context length of one model."""
+        try:
+            resp = await self.http.post("/api/show", orjson.dumps({"model": target}), stream=False)
+        except UpstreamStatus as exc:
+            raise self._error(exc, target) from None
+        return orjson.loads(resp.content)

@@ -1,0 +1,131 @@
+"""``llm-proxy``: serve, check-config, demo. Options flow into one Config object."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+
+def _load(path: str, host: str | None = None, port: int | None = None) -> Config:
+    config = load_config(path)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, **overrides))
+    return config
+
+
+def routing_table(config: Config) -> str:
+    lines = ["backends:"]
+    width = max((len(b.name) for b in config.backends), default=0)
+    for b in config.backends:
+        limit = f" max_concurrent={b.max_concurrent}" if b.max_concurrent else ""
+        key = " api_key=set" if b.api_key else ""
+        lines.append(f"  {b.name:<{width}}  {b.kind:<6}  {b.url}  weight={b.weight:g}{limit}{key}")
+    if not config.backends:
+        lines.append("  (none: every request will fail until a backend is configured)")
+    lines.append("models:")
+    width = max((len(m.name) for m in config.models), default=0)
+    for m in config.models:
+        where = ", ".join(m.backends) if m.backends else "any backend that serves it"
+        lines.append(f"  {m.name:<{width}}  -> {m.target}  @ {where}")
+    lines.append("  (any other model a backend serves is routable under its own name)")
+    server = config.server
+    lines.append(
+        f"server: http://{server.host}:{server.port}  api_keys={len(server.api_keys)}"
+        f"  admin_keys={len(server.admin_keys)}  max_body_bytes={server.max_body_bytes}"
+    )
+    t = config.timeouts
+    lines.append(f"timeouts: connect={t.connect:g}s first_byte={t.first_byte:g}s idle={t.idle:g}s")
+    return "\n".join(lines)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    config = _load(args.config, args.host, args.port)
+    _configure_logging(args.log_level)
+    options = dict(
+        host=config.server.host,
+        port=config.server.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=30,
+    )
+    if args.workers > 1:
+        # Each worker process builds its own app from the same file.
+        os.environ["LLM_PROXY_CONFIG"] = os.path.abspath(args.config)
+        uvicorn.run("proxy.app:app_from_env", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(config), **options)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"{args.config}: OK")
+    print(routing_table(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _configure_logging(args.log_level)
+    return run_demo(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible gateway for Ollama and vLLM.")
+    parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, help="path to the YAML configuration")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--access-log", action="store_true", help="log every request line (off: it costs latency)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a configuration and print the routing table")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="run the proxy in front of built-in simulated Ollama and vLLM backends")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"{exc.source}: invalid configuration", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

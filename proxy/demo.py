@@ -1,0 +1,72 @@
+"""``llm-proxy demo``: the proxy in front of a simulated Ollama and a simulated vLLM, all on loopback."""
+
+from __future__ import annotations
+
+import sys
+
+from .config import parse_config
+from .sim import Behavior, SimOllama, SimVLLM
+
+_INSTRUCTIONS = """\
+llm-proxy demo is running on {url}
+  simulated Ollama at {ollama}  (llama3.1:8b, qwen3:4b, gemma3:1b, nomic-embed-text)
+  simulated vLLM   at {vllm}  (serves qwen2.5-7b)
+
+Public names: chat -> llama3.1:8b on Ollama, qwen -> qwen2.5-7b on vLLM, embed -> nomic-embed-text.
+Any model a backend serves also works under its own name.
+
+Try:
+  curl -s {url}/v1/models
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "chat", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+  curl -sN {url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model": "qwen", "stream": true, "messages": [{{"role": "user", "content": "Stream please"}}]}}'
+  curl -s {url}/v1/embeddings -H 'content-type: application/json' -d '{{"model": "embed", "input": "hello"}}'
+
+or from Python:
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  for chunk in client.chat.completions.create(model="chat", stream=True,
+                                              messages=[{{"role": "user", "content": "Hi"}}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Press Ctrl-C to stop.
+"""
+
+
+def demo_config(ollama_url: str, vllm_url: str, host: str, port: int):
+    return parse_config(
+        {
+            "server": {"host": host, "port": port},
+            "backends": [
+                {"name": "sim-ollama", "kind": "ollama", "url": ollama_url},
+                {"name": "sim-vllm", "kind": "vllm", "url": vllm_url},
+            ],
+            "models": [
+                {"name": "chat", "target": "llama3.1:8b", "backends": ["sim-ollama"]},
+                {"name": "qwen", "target": "qwen2.5-7b", "backends": ["sim-vllm"]},
+                {"name": "embed", "target": "nomic-embed-text"},
+            ],
+        },
+        env={},
+    )
+
+
+def run_demo(host: str = "127.0.0.1", port: int = 8080) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    # A little pacing, so streaming is visible in a terminal.
+    paced = Behavior(ttft=0.05, tokens_per_second=30)
+    ollama = SimOllama(behavior=paced).start()
+    vllm = SimVLLM(model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], behavior=paced).start()
+    try:
+        config = demo_config(ollama.url, vllm.url, host, port)
+        url = f"http://{host}:{port}"
+        print(_INSTRUCTIONS.format(url=url, ollama=ollama.url, vllm=vllm.url), file=sys.stderr, flush=True)
+        uvicorn.run(create_app(config), host=host, port=port, log_level="warning", loop="uvloop", http="httptools")
+    finally:
+        ollama.stop()
+        vllm.stop()
+    return 0

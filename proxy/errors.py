@@ -1,0 +1,144 @@
+"""Every error the proxy answers, and the one place its OpenAI-shaped body is built.
+
+Code anywhere in the request path raises a :class:`ProxyError` subclass; the HTTP
+layer turns it into ``{"error": {"message", "type", "param", "code"}}`` with the
+matching status, or into an SSE error event once a stream has started. Backend
+adapters map foreign exceptions (httpx, backend error bodies) to these classes at
+their boundary, so nothing above them sees a wire format or a raw backend body.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status and an OpenAI error ``type``/``code``.
+
+    ``retryable`` marks failures where trying another backend may succeed
+    (connection refused, busy, 5xx, timeout); routing uses it, clients never see it.
+    """
+
+    status = 500
+    type = "api_error"
+    code: str | None = None
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- the client's fault -------------------------------------------------------------------------
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A parameter the chosen backend cannot honour: refused rather than silently dropped."""
+
+    code = "unsupported_parameter"
+
+
+# --- the backend's fault ------------------------------------------------------------------------
+
+
+class BackendError(ProxyError):
+    """The backend answered, but with something that is not a usable reply."""
+
+    status = 502
+    type = "api_error"
+    code = "backend_error"
+    retryable = True
+
+
+class BackendUnavailable(BackendError):
+    """Connection refused or reset, DNS failure, or the backend said it is busy."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    code = "backend_timeout"
+
+
+class BackendRejected(ProxyError):
+    """The backend refused the request as invalid (its 4xx): the client's input, so not retryable."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def error_response(exc: ProxyError) -> Response:
+    return Response(
+        orjson.dumps(exc.body()),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+def sse_error_event(exc: ProxyError) -> bytes:
+    """The SSE frame that ends a stream which fails after it has started."""
+    return b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+
+
+def internal_error() -> ProxyError:
+    # The message stays generic on purpose: an unexpected exception's text may carry secrets.
+    return ProxyError("internal error in llm-proxy; see the proxy's log for details", code="internal_error")

@@ -1,0 +1,448 @@
+"""Machinery shared by the simulated backends.
+
+- :class:`SimApp` records every request and gives handlers a way to drop the
+  connection (ASGI itself has no "reset this socket" message).
+- :class:`Generation` runs one generation as an ASGI response while watching
+  the client connection, so a client that goes away stops the generation and
+  is counted, and pacing sleeps never outlive their client.
+- :class:`SimBase` owns counters, the request log, the behaviour, the
+  ``/_sim/`` control endpoints and the server thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import threading
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .behavior import Behavior, FAILURE_MODES
+from .server import ServerThread
+
+log = logging.getLogger(__name__)
+
+_BODY_KEY = "llm_proxy.sim.body"
+_TRANSPORT_KEY = "llm_proxy.sim.transport"
+_NO_JSON = object()  # body present but not JSON (distinct from an empty body)
+
+# Graceful shutdown waits for open connections; generations are cut by stop(),
+# this only bounds the wait for anything else that is still open.
+_GRACEFUL_SHUTDOWN_S = 3
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+class AbortConnection(Exception):
+    """Raised when the server cannot reach the socket to reset it; uvicorn then closes it."""
+
+
+def _find_transport(send: Send) -> asyncio.BaseTransport | None:
+    # uvicorn's send is a bound method of its per-request cycle, which holds the
+    # connection's transport. It is the only handle on the socket an ASGI app
+    # gets; without it, die_mid_stream degrades to raising AbortConnection.
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    return transport if isinstance(transport, asyncio.BaseTransport) else None
+
+
+def _disable_nagle(transport: asyncio.BaseTransport) -> None:
+    # ServerThread binds its listener with proto 0, so asyncio's accept path
+    # skips TCP_NODELAY; uvicorn then writes headers and body separately and
+    # Nagle plus delayed ACK adds ~40 ms to every keep-alive request. Real
+    # nodes do not have that latency, so the sims switch Nagle off themselves.
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class SimApp(Starlette):
+    """A Starlette app that buffers and records each request body before routing."""
+
+    def __init__(self, *, on_request: Callable[[Scope, bytes], None],
+                 gate: Callable[[Scope], Response | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_request = on_request
+        self._gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        scope[_BODY_KEY] = body
+        scope[_TRANSPORT_KEY] = transport = _find_transport(send)
+        if transport is not None:
+            _disable_nagle(transport)
+        self._on_request(scope, body)
+        if self._gate is not None and (denied := self._gate(scope)) is not None:
+            await denied(scope, receive, send)
+            return
+
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await super().__call__(scope, replay, send)
+
+
+def parse_json(body: bytes) -> Any:
+    """The parsed body, None when empty, or ``_NO_JSON`` when it is not JSON."""
+    if not body.strip():
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _NO_JSON
+
+
+def request_json(request: Request) -> tuple[Any, str | None]:
+    """(parsed body, error text); the body was already buffered by :class:`SimApp`."""
+    body = request.scope.get(_BODY_KEY, b"")
+    parsed = parse_json(body)
+    if parsed is _NO_JSON:
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            return None, str(exc)
+    return parsed, None
+
+
+class Output:
+    """The response side of a :class:`Generation`: raw ASGI sends plus connection abort."""
+
+    def __init__(self, send: Send, transport: asyncio.BaseTransport | None) -> None:
+        self._send = send
+        self._transport = transport
+        self.started = False
+        self.aborted = False
+
+    async def start(self, status: int, media_type: str) -> None:
+        headers = [(b"content-type", media_type.encode())]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        self.started = True
+
+    async def write(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def finish(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def respond(self, status: int, body: bytes, media_type: str = "application/json") -> None:
+        headers = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        self.started = True
+        await self.finish(body)
+
+    async def respond_json(self, status: int, content: Any, media_type: str = "application/json") -> None:
+        await self.respond(status, orjson.dumps(content), media_type)
+
+    def abort(self) -> None:
+        """Drop the connection without finishing the response, like a crashed server."""
+        self.aborted = True
+        if self._transport is None:
+            raise AbortConnection()
+        self._transport.abort()
+
+
+async def paced(events: Iterable[Any], behavior: Behavior) -> AsyncIterator[tuple[Any, bool]]:
+    """Yield ``(event, is_last)`` after the ttft wait and between-token delays.
+
+    An empty reply still waits ttft once (with ``event`` None), because a real
+    node also spends prefill time before it says it is done.
+    """
+    items = list(events)
+    delay = behavior.token_delay()
+    if behavior.ttft > 0:
+        await asyncio.sleep(behavior.ttft)
+    if not items:
+        return
+    for i, item in enumerate(items):
+        if i and delay:
+            await asyncio.sleep(delay)
+        yield item, i == len(items) - 1
+
+
+async def hang_forever() -> None:
+    """The "hang" failure: accept the request, never answer (cancelled when the client leaves)."""
+    await asyncio.Event().wait()
+
+
+Runner = Callable[[Output], Awaitable[bool]]
+
+
+class Generation:
+    """An ASGI response that runs ``runner`` while watching for client disconnect.
+
+    ``runner(output)`` writes the response and returns True when the reply
+    finished normally, False when it failed on purpose (error or abort).
+    """
+
+    def __init__(self, sim: "SimBase", runner: Runner) -> None:
+        self._sim = sim
+        self._runner = runner
+        self._task: asyncio.Task | None = None
+        self._output: Output | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        output = Output(send, scope.get(_TRANSPORT_KEY))
+        self._output = output
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            # With ASGI spec < 2.4 a send to a closed socket is silently dropped,
+            # so only http.disconnect tells us the client is gone.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        loop = asyncio.get_running_loop()
+        self._task = task = asyncio.ensure_future(self._runner(output))
+        watcher = asyncio.ensure_future(watch())
+        self._sim._generation_started(self, loop)
+        outcome = "failed"
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                outcome = "completed" if (not task.cancelled() and task.result()) else "failed"
+            elif output.aborted:
+                outcome = "failed"
+            else:
+                outcome = "cancelled"
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if output.aborted and not disconnected.is_set():
+                # Let uvicorn see the connection loss before we return, so it
+                # does not try to answer the aborted request with a 500.
+                await asyncio.wait({watcher}, timeout=1.0)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+            self._sim._generation_finished(self, outcome)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    def kill(self) -> None:
+        """Server shutdown: cut the connection like a dying process would."""
+        if self._output is not None and not self._output.aborted:
+            try:
+                self._output.abort()
+            except AbortConnection:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+
+
+class SimBase:
+    """State and lifecycle shared by SimOllama and SimVLLM."""
+
+    def __init__(self, behavior: Behavior | None, host: str, port: int) -> None:
+        self.behavior = behavior if behavior is not None else Behavior()
+        self._lock = threading.Lock()
+        self._requests: list[tuple[str, str, Any, dict[str, str]]] = []
+        self._active = 0
+        self._max_active = 0
+        self._cancelled = 0
+        self._completed = 0
+        self._failed = 0
+        self._live: dict[Generation, asyncio.AbstractEventLoop] = {}
+        self.app = SimApp(routes=self._routes() + self._control_routes(), on_request=self._record,
+                          gate=self._gate, exception_handlers=self._exception_handlers())
+        self._server = ServerThread(self.app, host, port, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
+
+    # ----------------------------------------------------------- subclass hooks
+
+    def _routes(self) -> list[Route]:
+        raise NotImplementedError
+
+    def _gate(self, scope: Scope) -> Response | None:
+        return None
+
+    def _exception_handlers(self) -> dict:
+        return {}
+
+    # ----------------------------------------------------------- lifecycle
+
+    def start(self) -> "SimBase":
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listening socket and cut in-flight generations; start() rebinds the port."""
+        with self._lock:
+            live = list(self._live.items())
+        for generation, loop in live:
+            try:
+                loop.call_soon_threadsafe(generation.kill)
+            except RuntimeError:  # loop already closed
+                pass
+        self._server.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def host(self) -> str:
+        return self._server.host
+
+    # ----------------------------------------------------------- counters
+
+    @property
+    def requests(self) -> list[tuple[str, str, Any, dict[str, str]]]:
+        return self._requests
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return self._active
+
+    @property
+    def max_active(self) -> int:
+        with self._lock:
+            return self._max_active
+
+    @property
+    def cancelled(self) -> int:
+        with self._lock:
+            return self._cancelled
+
+    @property
+    def completed(self) -> int:
+        with self._lock:
+            return self._completed
+
+    @property
+    def failed(self) -> int:
+        """Generations that ended in a scripted failure (not part of the brief's API, but handy)."""
+        with self._lock:
+            return self._failed
+
+    def reset(self) -> None:
+        """Forget requests and counters; models and behaviour stay as they are."""
+        with self._lock:
+            del self._requests[:]
+            self._max_active = self._active
+            self._cancelled = self._completed = self._failed = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"active": self._active, "max_active": self._max_active, "cancelled": self._cancelled,
+                    "completed": self._completed, "failed": self._failed, "requests": len(self._requests)}
+
+    def _record(self, scope: Scope, body: bytes) -> None:
+        if scope["path"].startswith("/_sim/"):
+            return  # the control plane is not traffic the proxy sent
+        parsed = parse_json(body)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        with self._lock:
+            self._requests.append((scope["method"], scope["path"], None if parsed is _NO_JSON else parsed, headers))
+
+    def _generation_started(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._live[generation] = loop
+            self._active += 1
+            self._max_active = max(self._max_active, self._active)
+
+    def _generation_finished(self, generation: Generation, outcome: str) -> None:
+        with self._lock:
+            self._live.pop(generation, None)
+            self._active -= 1
+            if outcome == "completed":
+                self._completed += 1
+            elif outcome == "cancelled":
+                self._cancelled += 1
+            else:
+                self._failed += 1
+
+    # ----------------------------------------------------------- behaviour
+
+    def _snapshot(self) -> Behavior:
+        return dataclasses.replace(self.behavior)
+
+    def _take_failure(self) -> str | None:
+        """The failure this request should suffer, counting down ``fail_times``."""
+        with self._lock:
+            behavior = self.behavior
+            if behavior.fail is None:
+                return None
+            if behavior.fail_times is not None:
+                if behavior.fail_times <= 0:
+                    return None
+                behavior.fail_times -= 1
+            mode = behavior.fail
+        if mode not in FAILURE_MODES:
+            # Only reachable by assigning the attribute directly; fail loudly but in-protocol.
+            log.warning("unknown sim failure mode %r, answering 500", mode)
+            return "http_500"
+        return mode
+
+    # ----------------------------------------------------------- /_sim/ control plane
+
+    def _control_routes(self) -> list[Route]:
+        return [
+            Route("/_sim/behavior", self._get_behavior, methods=["GET"]),
+            Route("/_sim/behavior", self._patch_behavior, methods=["PATCH", "PUT"]),
+            Route("/_sim/stats", self._get_stats, methods=["GET"]),
+            Route("/_sim/reset", self._post_reset, methods=["POST"]),
+        ]
+
+    async def _get_behavior(self, request: Request) -> Response:
+        return ORJSONResponse(self.behavior.to_dict())
+
+    async def _patch_behavior(self, request: Request) -> Response:
+        changes, error = request_json(request)
+        if error is not None or not isinstance(changes, dict):
+            return ORJSONResponse({"error": "body must be a JSON object of Behavior fields"}, status_code=400)
+        try:
+            if request.method == "PUT":
+                self.behavior = Behavior(**changes)
+            else:
+                self.behavior.update(changes)
+        except (TypeError, ValueError) as exc:
+            return ORJSONResponse({"error": str(exc)}, status_code=400)
+        return ORJSONResponse(self.behavior.to_dict())
+
+    async def _get_stats(self, request: Request) -> Response:
+        return ORJSONResponse(self.stats())
+
+    async def _post_reset(self, request: Request) -> Response:
+        self.reset()
+        return ORJSONResponse(self.stats())

@@ -1,0 +1,593 @@
+"""A simulated vLLM node: the OpenAI-compatible server of ``vllm serve``.
+
+Shapes follow vLLM ~0.10/0.11 (reference section C): non-stream bodies are
+``model_dump()``-style with every key present, stream chunks are
+``exclude_unset``-style, the finish reason rides on the chunk with the last
+token, errors are the nested ``{"error": {message, type, param, code}}`` form
+with an integer code, and validation failures are 400 rather than 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Scope
+
+from .behavior import (
+    MID_STREAM_FAILURES,
+    Behavior,
+    ModelSpec,
+    Reply,
+    compose_reply,
+    count_prompt_tokens,
+    count_words,
+    embedding,
+    l2_normalize,
+    token_logprob,
+)
+from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced, request_json
+
+SSE = "text/event-stream; charset=utf-8"
+_DONE = b"data: [DONE]\n\n"
+_ARG_PIECE = re.compile(r"[^,:]+[,:]?|[,:]")
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest default, unlike chat
+_MID_STREAM_ERROR = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+
+
+def verror(status: int, message: str, err_type: str = "BadRequestError", param: str | None = None) -> Response:
+    return ORJSONResponse({"error": _error_info(status, message, err_type, param)}, status_code=status)
+
+
+def _error_info(status: int, message: str, err_type: str, param: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": err_type, "param": param, "code": status}
+
+
+def _validation(kind: str, loc: tuple, msg: str, value: Any) -> Response:
+    # pydantic's error list, rendered the way vLLM puts str(exc) into the message
+    return verror(400, str([{"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}]))
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _text_of(content: Any) -> str:
+    """Text of a message ``content``: a string, or the text parts of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _check_types(body: dict, expected: dict[str, tuple[tuple[type, ...], str, str]]) -> Response | None:
+    for name, (kinds, kind, msg) in expected.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            return _validation(kind, (name,), msg, value)
+    return None
+
+
+_INT = ((int,), "int_type", "Input should be a valid integer")
+_BOOL = ((bool,), "bool_type", "Input should be a valid boolean")
+_NUMBER = ((int, float), "float_type", "Input should be a valid number")
+_STOP = ((str, list), "list_type", "Input should be a valid list")
+_COMMON_FIELDS = {"stream": _BOOL, "max_tokens": _INT, "n": _INT, "temperature": _NUMBER, "top_p": _NUMBER,
+                  "stop": _STOP, "seed": _INT}
+_CHAT_FIELDS = {**_COMMON_FIELDS, "logprobs": _BOOL, "top_logprobs": _INT, "max_completion_tokens": _INT,
+                "tools": ((list,), "list_type", "Input should be a valid list")}
+_COMPLETION_FIELDS = {**_COMMON_FIELDS, "logprobs": _INT, "echo": _BOOL}
+
+
+@dataclass
+class _Job:
+    endpoint: str  # "chat" | "completion"
+    model: str  # echoed in responses
+    behavior: Behavior
+    failure: str | None
+    replies: list[Reply]  # one per choice
+    stream: bool
+    prompt_tokens: int = 0  # counted once per prompt, not per choice
+    include_usage: bool = False
+    continuous_usage: bool = False
+    logprobs: int | None = None  # None: off; else top-k count
+    finish_override: str | None = None  # "tool_calls" / "stop" when tools were called
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self, completion_tokens: int | None = None) -> dict[str, int]:
+        done = sum(r.completion_tokens for r in self.replies) if completion_tokens is None else completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + done,
+                "completion_tokens": done}
+
+    def finish_reason(self, reply: Reply) -> str:
+        if reply.tool_calls and self.finish_override:
+            return self.finish_override
+        return reply.finish_reason
+
+
+class SimVLLM(SimBase):
+    """A vLLM node serving one model under one or more names."""
+
+    def __init__(self, model: str = "Qwen/Qwen2.5-7B-Instruct", served_model_names: list[str] | None = None,
+                 behavior: Behavior | None = None, api_key: str | None = None, supports_system_role: bool = True,
+                 max_model_len: int = 32768, embedding: bool = False, host: str = "127.0.0.1", port: int = 0,
+                 version: str = "0.11.0", embedding_dim: int = 768) -> None:
+        self.model = model
+        self.served_model_names = list(served_model_names or [model])
+        self.api_key = api_key
+        self.supports_system_role = supports_system_role
+        self.max_model_len = max_model_len
+        self.embedding = embedding
+        self.embedding_dim = embedding_dim
+        self.version = version
+        super().__init__(behavior, host, port)
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """The served names as specs (read-only view; vLLM cannot load models at runtime)."""
+        caps = ("embedding",) if self.embedding else ("completion", "tools")
+        return [ModelSpec(name, caps, context_length=self.max_model_len, root=self.model,
+                          supports_system_role=self.supports_system_role, embedding_dim=self.embedding_dim)
+                for name in self.served_model_names]
+
+    # ----------------------------------------------------------- routing
+
+    def _routes(self) -> list[Route]:
+        return [
+            Route("/health", self._health, methods=["GET"]),
+            Route("/ping", self._health, methods=["GET", "POST"]),
+            Route("/version", self._version, methods=["GET"]),
+            Route("/v1/models", self._list_models, methods=["GET"]),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+        ]
+
+    def _exception_handlers(self) -> dict:
+        async def http_error(request: Request, exc: Exception) -> Response:
+            status = getattr(exc, "status_code", 404)
+            detail = "Method Not Allowed" if status == 405 else "Not Found"
+            return ORJSONResponse({"detail": detail}, status_code=status)  # FastAPI's default body
+        return {404: http_error, 405: http_error}
+
+    def _gate(self, scope: Scope) -> Response | None:
+        if not self.api_key or scope["method"] == "OPTIONS" or not scope["path"].startswith("/v1"):
+            return None
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {self.api_key}":
+            return ORJSONResponse({"error": "Unauthorized"}, status_code=401)
+        return None
+
+    # ----------------------------------------------------------- simple endpoints
+
+    async def _health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def _version(self, request: Request) -> Response:
+        return ORJSONResponse({"version": self.version})
+
+    async def _list_models(self, request: Request) -> Response:
+        now = int(time.time())
+        cards = [{
+            "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": self.model, "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now,
+                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                            "organization": "*", "group": None, "is_blocking": False}],
+        } for name in self.served_model_names]
+        return ORJSONResponse({"object": "list", "data": cards})
+
+    # ----------------------------------------------------------- request checks
+
+    def _read(self, request: Request) -> tuple[dict | None, Response | None]:
+        body, parse_error = request_json(request)
+        if parse_error is not None:
+            return None, _validation("json_invalid", (0,), "JSON decode error", {})
+        if not isinstance(body, dict):
+            return None, _validation("model_attributes_type", (), "Input should be a valid dictionary or object "
+                                     "to extract fields from", body)
+        return body, None
+
+    def _resolve_model(self, body: dict) -> tuple[str, Response | None]:
+        requested = body.get("model")
+        if requested in (None, ""):
+            return self.served_model_names[0], None
+        if requested not in self.served_model_names:
+            return "", verror(404, f"The model `{requested}` does not exist.", "NotFoundError", "model")
+        return requested, None
+
+    def _sampling_checks(self, body: dict, prompt_tokens: int, max_tokens: int | None) -> Response | None:
+        if body.get("stream_options") is not None and not body.get("stream"):
+            return verror(400, "Stream options can only be defined when `stream=True`.")
+        if max_tokens is not None and max_tokens < 1:
+            return verror(400, f"max_tokens must be at least 1, got {max_tokens}.")
+        if (body.get("n") or 1) < 1:
+            return verror(400, f"n must be at least 1, got {body.get('n')}.")
+        requested = prompt_tokens + (max_tokens or 0)
+        if prompt_tokens > self.max_model_len or requested > self.max_model_len:
+            return verror(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                               f"requested {requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in "
+                               "the completion). Please reduce the length of the messages or completion.")
+        return None
+
+    def _usage_flags(self, body: dict) -> tuple[bool, bool]:
+        options = body.get("stream_options")
+        if not isinstance(options, dict) or not body.get("stream"):
+            return False, False
+        include = options.get("include_usage", True) is not False  # defaults to true once the object is sent
+        return include, include and bool(options.get("continuous_usage_stats"))
+
+    # ----------------------------------------------------------- chat
+
+    async def _chat(self, request: Request) -> Response:
+        body, failure = self._read(request)
+        if failure:
+            return failure
+        behavior = self._snapshot()
+        if (bad := _check_types(body, _CHAT_FIELDS)) is not None:
+            return bad
+        messages = body.get("messages")
+        if messages is None:
+            return _validation("missing", ("messages",), "Field required", body)
+        if not isinstance(messages, list):
+            return _validation("list_type", ("messages",), "Input should be a valid list", messages)
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                return _validation("missing", ("messages", i, "role"), "Field required", message)
+        model, missing = self._resolve_model(body)
+        if missing:
+            return missing
+        if self.embedding:
+            return verror(400, "The model does not support Chat Completions API")
+        top_logprobs = body.get("top_logprobs")
+        if top_logprobs is not None:
+            if top_logprobs < 0:
+                return verror(400, "`top_logprobs` must be a positive value.")
+            if top_logprobs > 0 and not body.get("logprobs"):
+                return verror(400, "when using `top_logprobs`, `logprobs` must be set to true.")
+        tools = body.get("tools") or []
+        tool_choice = body.get("tool_choice")
+        if tool_choice not in (None, "none") and not tools:
+            return verror(400, "When using `tool_choice`, `tools` must be set.")
+        if not self.supports_system_role and any(m.get("role") == "system" for m in messages):
+            # Gemma-style chat templates raise this from Jinja; vLLM maps it to a 400.
+            return verror(400, "System role not supported")
+        texts = [_text_of(m.get("content")) for m in messages]
+        prompt_tokens = count_prompt_tokens(texts, len(messages))
+        max_tokens = body.get("max_completion_tokens")
+        max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+        if (bad := self._sampling_checks(body, prompt_tokens, max_tokens)) is not None:
+            return bad
+
+        kwargs = body.get("chat_template_kwargs") or {}
+        thinking = behavior.thinking if kwargs.get("enable_thinking", True) is not False else None
+        named = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+        if named and behavior.tool_calls:
+            calls = [c for c in behavior.tool_calls if c.get("name") == named]
+            behavior.tool_calls = calls or [{"name": named, "arguments": dict(behavior.tool_calls[0].get("arguments") or {})}]
+        user_texts = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
+        schema, json_mode = _json_request(body)
+        stop = body.get("stop")
+        reply = compose_reply(
+            behavior, last_user=(user_texts or texts or [""])[-1], prompt_tokens=prompt_tokens, thinking=thinking,
+            tools_offered=bool(tools) and tool_choice != "none", json_mode=json_mode, json_schema=schema,
+            max_tokens=max_tokens, stop=[stop] if isinstance(stop, str) else list(stop or []))
+        include_usage, continuous = self._usage_flags(body)
+        job = _Job("chat", model, behavior, self._take_failure(), [reply] * (body.get("n") or 1),
+                   bool(body.get("stream")), prompt_tokens, include_usage, continuous,
+                   (top_logprobs or 0) if body.get("logprobs") else None, "stop" if named else "tool_calls")
+        runner = self._stream if job.stream else self._respond
+        return Generation(self, lambda out: runner(job, out))
+
+    # ----------------------------------------------------------- completions
+
+    async def _completions(self, request: Request) -> Response:
+        body, failure = self._read(request)
+        if failure:
+            return failure
+        behavior = self._snapshot()
+        if (bad := _check_types(body, _COMPLETION_FIELDS)) is not None:
+            return bad
+        prompts = _prompts(body.get("prompt"))
+        if prompts is None:
+            if "prompt" not in body:
+                return _validation("missing", ("prompt",), "Field required", body)
+            return _validation("string_type", ("prompt",), "Input should be a valid string", body.get("prompt"))
+        model, missing = self._resolve_model(body)
+        if missing:
+            return missing
+        if self.embedding:
+            return verror(400, "The model does not support Completions API")
+        max_tokens = body.get("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS)
+        stop = body.get("stop")
+        schema, json_mode = _json_request(body)
+        replies: list[Reply] = []
+        for text, tokens in prompts:
+            if (bad := self._sampling_checks(body, tokens, max_tokens)) is not None:
+                return bad
+            reply = compose_reply(behavior, last_user=text, prompt_tokens=tokens, json_mode=json_mode,
+                                  json_schema=schema, max_tokens=max_tokens,
+                                  stop=[stop] if isinstance(stop, str) else list(stop or []))
+            replies += [reply] * (body.get("n") or 1)
+        include_usage, continuous = self._usage_flags(body)
+        job = _Job("completion", model, behavior, self._take_failure(), replies, bool(body.get("stream")),
+                   sum(tokens for _, tokens in prompts), include_usage, continuous, body.get("logprobs"))
+        runner = self._stream if job.stream else self._respond
+        return Generation(self, lambda out: runner(job, out))
+
+    # ----------------------------------------------------------- rendering
+
+    def _chunk(self, job: _Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
+        prefix = "chatcmpl-" if job.endpoint == "chat" else "cmpl-"
+        return {"id": prefix + job.request_id, "object": obj, "created": job.created, "model": job.model,
+                "choices": choices}
+
+    def _deltas(self, job: _Job, kind: str, value: Any) -> list[tuple[dict[str, Any], Any]]:
+        """(delta, logprobs) pairs for one reply event; a tool call becomes header + argument pieces."""
+        if kind == "thinking":
+            return [({"reasoning_content": value}, None)]
+        if kind == "content":
+            logprobs = {"content": [token_logprob(value, job.logprobs)]} if job.logprobs is not None and value else None
+            return [({"content": value}, logprobs)]
+        index, call = value
+        header = {"index": index, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+                  "function": {"name": call["name"], "arguments": ""}}
+        pieces = _ARG_PIECE.findall(orjson.dumps(call["arguments"]).decode())
+        return [({"tool_calls": [header]}, None)] + [
+            ({"tool_calls": [{"index": index, "function": {"arguments": p}}]}, None) for p in pieces]
+
+    def _completion_logprobs(self, tokens: list[str], top: int) -> dict[str, Any]:
+        entries = [token_logprob(t, top) for t in tokens]
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"text_offset": offsets, "token_logprobs": [e["logprob"] for e in entries], "tokens": tokens,
+                "top_logprobs": [{alt["token"]: alt["logprob"] for alt in e["top_logprobs"]} for e in entries]}
+
+    async def _stream(self, job: _Job, out: Output) -> bool:
+        if await self._fail_early(job, out):
+            return False
+        await out.start(200, SSE)  # FastAPI's StreamingResponse sends headers before the first token
+        scripts = [list(reply.events()) for reply in job.replies]
+        steps = max((len(script) for script in scripts), default=0)
+        async for step, _last in paced(range(steps), job.behavior):
+            if job.failure in MID_STREAM_FAILURES and step >= job.behavior.fail_after_chunks:
+                return await self._fail_mid_stream(job, out)
+            frames = [self._role_chunks(job)] if step == 0 else []
+            produced = sum(min(step + 1, len(script)) for script in scripts)
+            for i, script in enumerate(scripts):
+                if step < len(script):
+                    kind, value = script[step]
+                    frames.append(self._frames(job, i, kind, value, step == len(script) - 1, produced))
+            await out.write(b"".join(frames))
+        if job.failure in MID_STREAM_FAILURES:
+            return await self._fail_mid_stream(job, out)
+        closing = [self._role_chunks(job)] if steps == 0 else []
+        for i, script in enumerate(scripts):
+            if not script:  # nothing generated for this choice: close it with an empty final delta
+                closing.append(self._frames(job, i, "content", "", True, 0))
+        if job.include_usage:
+            closing.append(_sse({**self._chunk(job, []), "usage": job.usage()}))
+        await out.finish(b"".join(closing) + _DONE)
+        return True
+
+    def _role_chunks(self, job: _Job) -> bytes:
+        if job.endpoint != "chat":
+            return b""
+        return b"".join(_sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]))
+                        for i in range(len(job.replies)))
+
+    def _frames(self, job: _Job, index: int, kind: str, value: Any, final: bool, produced: int) -> bytes:
+        """SSE frames for one event of choice ``index``; ``final`` marks its last event."""
+        reply = job.replies[index]
+        if job.endpoint == "chat":
+            deltas = self._deltas(job, kind, value)
+        else:
+            logprobs = self._completion_logprobs([value], job.logprobs) if job.logprobs is not None and value else None
+            deltas = [({"text": value}, logprobs)]
+        frames = []
+        for n, (delta, logprobs) in enumerate(deltas):
+            last = final and n == len(deltas) - 1
+            if job.endpoint == "chat":
+                choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
+                                          "finish_reason": job.finish_reason(reply) if last else None}
+                if last:
+                    choice["stop_reason"] = reply.stop_reason
+            else:
+                choice = {"index": index, **delta, "logprobs": logprobs,
+                          "finish_reason": reply.finish_reason if last else None,
+                          "stop_reason": reply.stop_reason if last else None}
+            chunk = self._chunk(job, [choice])
+            if job.continuous_usage:
+                chunk["usage"] = job.usage(produced)
+            frames.append(_sse(chunk))
+        return b"".join(frames)
+
+    async def _respond(self, job: _Job, out: Output) -> bool:
+        if await self._fail_early(job, out):
+            return False
+        sent = 0
+        async for _event, _last in paced(job.replies[0].events(), job.behavior):
+            if job.failure in MID_STREAM_FAILURES and sent >= job.behavior.fail_after_chunks:
+                break
+            sent += 1
+        if job.failure in MID_STREAM_FAILURES:
+            return await self._fail_mid_stream(job, out)
+        await out.respond_json(200, self._full_response(job))
+        return True
+
+    def _full_response(self, job: _Job) -> dict[str, Any]:
+        usage = {**job.usage(), "prompt_tokens_details": None}
+        if job.endpoint == "completion":
+            choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
+                        "prompt_logprobs": None,
+                        "logprobs": self._completion_logprobs(r.content, job.logprobs) if job.logprobs is not None else None}
+                       for i, r in enumerate(job.replies)]
+            return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created,
+                    "model": job.model, "choices": choices, "service_tier": None, "system_fingerprint": None,
+                    "usage": usage, "kv_transfer_params": None}
+        choices = []
+        for i, reply in enumerate(job.replies):
+            calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+                      "function": {"name": c["name"], "arguments": orjson.dumps(c["arguments"]).decode()}}
+                     for c in reply.tool_calls]
+            message = {"role": "assistant", "content": reply.text if (reply.content or not calls) else None,
+                       "refusal": None, "annotations": None, "audio": None, "function_call": None,
+                       "tool_calls": calls, "reasoning_content": reply.thinking_text or None}
+            logprobs = ({"content": [token_logprob(t, job.logprobs) for t in reply.content]}
+                        if job.logprobs is not None else None)
+            choices.append({"index": i, "message": message, "logprobs": logprobs,
+                            "finish_reason": job.finish_reason(reply), "stop_reason": reply.stop_reason})
+        return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
+                "model": job.model, "choices": choices, "service_tier": None, "system_fingerprint": None,
+                "usage": usage, "prompt_logprobs": None, "kv_transfer_params": None}
+
+    # ----------------------------------------------------------- failures
+
+    async def _fail_early(self, job: _Job, out: Output) -> bool:
+        failure = job.failure
+        if failure == "http_500":
+            await out.respond_json(500, {"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")})
+        elif failure == "busy":
+            await out.respond_json(503, {"error": _error_info(503, "The server is overloaded, please try again later.",
+                                                              "ServiceUnavailableError")})
+        elif failure == "not_found":
+            await out.respond_json(404, {"error": _error_info(404, f"The model `{job.model}` does not exist.",
+                                                              "NotFoundError", "model")})
+        elif failure == "hang":
+            await hang_forever()
+        else:
+            return False
+        return True
+
+    async def _fail_mid_stream(self, job: _Job, out: Output) -> bool:
+        if job.failure == "die_mid_stream":
+            out.abort()
+        elif out.started:  # the 200 is out: the error becomes a data frame, then [DONE]
+            await out.write(_sse({"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")}))
+            await out.finish(_DONE)
+        else:
+            await out.respond_json(500, {"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")})
+        return False
+
+    # ----------------------------------------------------------- embeddings
+
+    async def _embeddings(self, request: Request) -> Response:
+        started = time.time()
+        body, failure = self._read(request)
+        if failure:
+            return failure
+        behavior = self._snapshot()
+        model, missing = self._resolve_model(body)
+        if missing:
+            return missing
+        if not self.embedding:
+            return verror(400, "The model does not support Embeddings API")
+        if "input" not in body:
+            return _validation("missing", ("input",), "Field required", body)
+        inputs = _embedding_inputs(body["input"])
+        if inputs is None:
+            return _validation("string_type", ("input",), "Input should be a valid string", body["input"])
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            return _validation("literal_error", ("encoding_format",), "Input should be 'float' or 'base64'", encoding)
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+            return verror(400, "dimensions must be a positive integer")
+        failure_mode = self._take_failure()
+
+        def encode(vector: list[float]) -> Any:
+            if encoding == "base64":
+                return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            return vector
+
+        async def run(out: Output) -> bool:
+            job = _Job("embedding", model, behavior, failure_mode, [], False)
+            if await self._fail_early(job, out):
+                return False
+            async for _ in paced([None], behavior):
+                pass
+            if failure_mode in MID_STREAM_FAILURES:
+                return await self._fail_mid_stream(job, out)
+            data = []
+            for index, (text, _tokens) in enumerate(inputs):
+                vector = embedding(text, self.embedding_dim)
+                if dimensions and dimensions < len(vector):
+                    vector = l2_normalize(vector[:dimensions])
+                data.append({"index": index, "object": "embedding", "embedding": encode(vector)})
+            tokens = sum(t for _, t in inputs)
+            await out.respond_json(200, {
+                "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(started), "model": model,
+                "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                                        "prompt_tokens_details": None}})
+            return True
+
+        return Generation(self, run)
+
+
+def _json_request(body: dict) -> tuple[dict | None, bool]:
+    """(schema, json_mode) from response_format or vLLM's guided/structured extras."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema") or {}
+            return (spec.get("schema") or spec.get("json_schema")), True
+        if fmt.get("type") == "json_object":
+            return None, True
+    guided = body.get("guided_json") or (body.get("structured_outputs") or {}).get("json")
+    if isinstance(guided, str):
+        try:
+            guided = orjson.loads(guided)
+        except orjson.JSONDecodeError:
+            guided = None
+    if isinstance(guided, dict):
+        return guided, True
+    return None, False
+
+
+def _prompts(prompt: Any) -> list[tuple[str, int]] | None:
+    """(text, prompt token count) per prompt, or None when the prompt is malformed."""
+    if isinstance(prompt, str):
+        return [(prompt, count_words(prompt) + 1)]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return [(p, count_words(p) + 1) for p in prompt]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [(_token_text(prompt), len(prompt))]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
+            return [(_token_text(p), len(p)) for p in prompt]
+    return None
+
+
+def _embedding_inputs(value: Any) -> list[tuple[str, int]] | None:
+    if isinstance(value, str):
+        return [(value, count_words(value) + 2)]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [(v, count_words(v) + 2) for v in value]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return [(_token_text(value), len(value))]
+        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
+            return [(_token_text(v), len(v)) for v in value]
+    return None
+
+
+def _token_text(tokens: list[int]) -> str:
+    return " ".join(f"<{t}>" for t in tokens)

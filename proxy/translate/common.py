@@ -1,0 +1,92 @@
+"""Small pieces every translator shares: ids, SSE framing, sampling options, logprobs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import orjson
+
+from ..errors import UnsupportedParameter
+
+DONE = b"data: [DONE]\n\n"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+# OpenAI (and vLLM-style extra) sampling fields that become Ollama ``options`` under these names.
+_OPTION_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "repeat_penalty": "repeat_penalty",
+    "repetition_penalty": "repeat_penalty",
+}
+
+# Fields that change nothing in the answer (bookkeeping for OpenAI's own platform): accepted, unused.
+IGNORED_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "stream_options"}
+)
+
+
+def ollama_options(body: dict, max_tokens_fields: tuple[str, ...]) -> dict:
+    """Build Ollama ``options`` from a request: the client's own ``options`` first, OpenAI fields over them."""
+    options = dict(body.get("options") or {})
+    for field, name in _OPTION_FIELDS.items():
+        value = body.get(field)
+        if value is not None:
+            options[name] = value
+    for field in max_tokens_fields:  # the first one present wins (max_completion_tokens over max_tokens)
+        value = body.get(field)
+        if value is not None:
+            options["num_predict"] = value
+            break
+    stop = body.get("stop")
+    if stop is not None:
+        options["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    return options
+
+
+def refuse_unknown(body: dict, known: frozenset[str], backend_kind: str = "Ollama") -> None:
+    for key in body:
+        if key not in known:
+            raise UnsupportedParameter(
+                f"Unrecognized request argument supplied: {key} ({backend_kind} backends do not support it)",
+                param=key,
+            )
+
+
+def refuse_if(condition: bool, param: str, why: str) -> None:
+    if condition:
+        raise UnsupportedParameter(f"'{param}' is not supported by Ollama backends: {why}", param=param)
+
+
+def finish_reason(done_reason: str | None, saw_tool_calls: bool) -> str:
+    # Ollama reports "stop" even when the model ended by calling a tool; OpenAI says "tool_calls".
+    # "length" wins over tool calls: the answer was cut, whatever it contained.
+    if done_reason == "length":
+        return "length"
+    if saw_tool_calls:
+        return "tool_calls"
+    return "stop"
+
+
+def usage(line: dict) -> dict:
+    prompt = line.get("prompt_eval_count") or 0
+    completion = line.get("eval_count") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,83 @@
+"""Requests and replies for OpenAI-compatible backends (vLLM, llama.cpp server, ...). Pure.
+
+Bodies pass through untouched except for the model name: the backend's name on
+the way in, the client's name on the way out. Replies are rewritten at the byte
+level where that is safe, because re-encoding every stream chunk would cost more
+than the rest of the proxy.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+# Fields that exist only for the proxy and must not reach a backend.
+PROXY_FIELDS = frozenset({"task_type"})
+
+
+def request_body(body: dict, target: str) -> bytes:
+    if body.get("model") == target and not PROXY_FIELDS.intersection(body):
+        return orjson.dumps(body)
+    out = {k: v for k, v in body.items() if k not in PROXY_FIELDS}
+    out["model"] = target
+    return orjson.dumps(out)
+
+
+class ModelRenamer:
+    """Rewrites ``"model":"<backend name>"`` to the public name in JSON bodies and SSE streams.
+
+    The byte pattern cannot occur inside a JSON string value (its quotes would be
+    escaped there), so replacing it is exact for compact JSON; when a backend
+    formats differently or answers under another name, the slower parse-and-dump
+    path takes over.
+    """
+
+    def __init__(self, backend_name: str, public_name: str) -> None:
+        self.public = public_name
+        self.noop = backend_name == public_name
+        self._old = b'"model":' + orjson.dumps(backend_name)
+        self._new = b'"model":' + orjson.dumps(public_name)
+        self._pending = b""
+
+    def body(self, raw: bytes) -> bytes:
+        if self.noop:
+            return raw
+        if self._old in raw:
+            return raw.replace(self._old, self._new, 1)
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+        if isinstance(obj, dict) and "model" in obj:
+            obj["model"] = self.public
+            return orjson.dumps(obj)
+        return raw
+
+    def stream(self, chunk: bytes) -> bytes:
+        """Rewrite whole SSE events; a partial event waits for the rest of its bytes."""
+        if self.noop:
+            return chunk
+        if b"\r" in chunk:  # some servers frame events with CRLF; the event split below wants LF
+            chunk = chunk.replace(b"\r\n", b"\n")
+        if self._pending:
+            chunk = self._pending + chunk
+            self._pending = b""
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n") + 2
+            chunk, self._pending = chunk[:cut], chunk[cut:]
+            if not chunk:
+                return b""
+        if self._old in chunk:
+            return chunk.replace(self._old, self._new)
+        if b'"model":' not in chunk:
+            return chunk
+        return b"".join(self._event(e) for e in chunk.split(b"\n\n") if e)
+
+    def _event(self, event: bytes) -> bytes:
+        if event.startswith(b"data: {"):
+            return b"data: " + self.body(event[6:]) + b"\n\n"
+        return event + b"\n\n"
+
+    def flush(self) -> bytes:
+        """Whatever partial event the backend left when it closed the stream."""
+        rest, self._pending = self._pending, b""
+        return rest

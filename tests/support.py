@@ -1,0 +1,48 @@
+"""Helpers the tests share: backend line-ups and a proxy started from a plain config dict."""
+
+from __future__ import annotations
+
+import contextlib
+
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.sim import ModelSpec, ServerThread, SimOllama, SimVLLM
+
+VLLM_KEY = "vllm-secret-key"
+PROXY_KEY = "sk-proxy-test"
+
+
+def ollama_models() -> list[ModelSpec]:
+    return [
+        ModelSpec("llama3.1:8b", capabilities=("completion", "tools")),
+        ModelSpec("qwen3:4b", capabilities=("completion", "tools", "thinking")),
+        ModelSpec("llava:7b", capabilities=("completion", "vision")),
+        ModelSpec("nomic-embed-text:latest", capabilities=("embedding",), embedding_dim=16),
+    ]
+
+
+@contextlib.contextmanager
+def running_proxy(config: dict):
+    """A proxy under uvicorn on a free loopback port, serving ``config`` (a plain dict)."""
+    server = ServerThread(create_app(parse_config(config, env={})))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def backends_config(ollama: SimOllama, vllm: SimVLLM) -> dict:
+    return {
+        "timeouts": {"connect": 2, "first_byte": 5, "idle": 5},
+        "backends": [
+            {"name": "ollama-1", "kind": "ollama", "url": ollama.url},
+            {"name": "vllm-1", "kind": "vllm", "url": vllm.url, "api_key": VLLM_KEY},
+        ],
+        "models": [
+            {"name": "chat", "target": "llama3.1:8b", "backends": ["ollama-1"]},
+            {"name": "thinker", "target": "qwen3:4b"},
+            {"name": "embed", "target": "nomic-embed-text"},
+            {"name": "qwen-chat", "target": "qwen2.5-7b", "backends": ["vllm-1"]},
+        ],
+    }
