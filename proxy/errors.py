@@ -85,6 +85,14 @@ class BodyTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class ClientGone(ProxyError):
+    """The client disconnected before the request was read; the answer goes nowhere."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class UnsupportedParameter(InvalidRequest):
     """A parameter the chosen backend cannot honour: refused rather than silently dropped."""
 

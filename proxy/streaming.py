@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from .errors import BodyTooLarge, InvalidRequest, ProxyError, internal_error, sse_error_event
+from .errors import BodyTooLarge, ClientGone, InvalidRequest, ProxyError, internal_error, sse_error_event
 
 log = logging.getLogger("llm_proxy")
 
@@ -30,7 +30,7 @@ async def read_json(receive, headers: dict[bytes, bytes] | None, limit: int) -> 
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError("client disconnected while sending the body")
+            raise ClientGone("The client disconnected while sending the request body.")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -72,7 +72,7 @@ class DisconnectWatch:
                     self._task.cancel()
                 return
 
-    def __enter__(self) -> "DisconnectWatch":
+    def __enter__(self) -> DisconnectWatch:
         self._task = asyncio.current_task()
         self._watcher = asyncio.ensure_future(self._watch())
         return self

@@ -8,6 +8,7 @@ import pytest
 from proxy.sim import Behavior, SimOllama, SimVLLM
 from tests.support import VLLM_KEY, backends_config, ollama_models, running_proxy
 
+
 @pytest.fixture(scope="session")
 def ollama():
     with SimOllama(models=ollama_models()) as sim:

@@ -23,7 +23,7 @@ WEATHER_TOOL = {
 
 
 def last_body(sim, path_suffix: str) -> dict:
-    for method, path, body, headers in reversed(sim.requests):
+    for _method, path, body, _headers in reversed(sim.requests):
         if path.endswith(path_suffix):
             return body
     raise AssertionError(f"the backend received no request to {path_suffix}")

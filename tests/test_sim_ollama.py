@@ -487,6 +487,7 @@ def test_control_plane_reads_and_patches_behavior(api, sim):
     assert body["message"]["content"] == "From afar."
     assert api.patch("/_sim/behavior", json={"fail": "explode"}).status_code == 400
     assert api.patch("/_sim/behavior", json={"nonsense": 1}).status_code == 400
+    assert api.patch("/_sim/behavior", json={"fail_times": "twice"}).status_code == 400
     assert sim.behavior.fail is None
     stats = api.get("/_sim/stats").json()
     assert stats["completed"] == 1 and stats["active"] == 0 and stats["requests"] == 1

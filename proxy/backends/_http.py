@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 import httpx
 import orjson
@@ -140,13 +140,14 @@ class Upstream:
     async def lines(self, resp: httpx.Response) -> AsyncIterator[dict]:
         """NDJSON objects from a streamed response (Ollama)."""
         pending = b""
-        async for chunk in self.chunks(resp):
-            if pending:
-                chunk = pending + chunk
-            *complete, pending = chunk.split(b"\n")
-            for line in complete:
-                if line.strip():
-                    yield self._decode(line)
+        async with aclosing(self.chunks(resp)) as chunks:
+            async for chunk in chunks:
+                if pending:
+                    chunk = pending + chunk
+                *complete, pending = chunk.split(b"\n")
+                for line in complete:
+                    if line.strip():
+                        yield self._decode(line)
         if pending.strip():
             yield self._decode(pending)
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime
 
 import orjson
@@ -74,29 +75,28 @@ class OllamaBackend:
         except UpstreamStatus as exc:
             raise self._error(exc, target) from None
         done = False
-        async for line in self.http.lines(resp):
-            if "error" in line:  # once streaming has begun, Ollama reports failures in-band
-                raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
-            yield line
-            if line.get("done"):
-                done = True
-                break
+        # aclosing: a client that leaves must close the upstream connection now, not at GC time,
+        # because closing it is what makes Ollama stop generating.
+        async with aclosing(self.http.lines(resp)) as lines:
+            async for line in lines:
+                if "error" in line:  # once streaming has begun, Ollama reports failures in-band
+                    raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
+                yield line
+                if line.get("done"):
+                    done = True
+                    break
         if not done:
             raise BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
 
     async def _frames(self, lines: AsyncIterator[dict], translator) -> AsyncIterator[bytes]:
-        try:
+        async with aclosing(lines):
             async for line in lines:
                 yield translator.feed(line)
-        finally:
-            await lines.aclose()  # type: ignore[attr-defined]
 
     async def _collect(self, lines: AsyncIterator[dict], aggregate) -> bytes:
-        try:
+        async with aclosing(lines):
             async for line in lines:
                 aggregate.feed(line)
-        finally:
-            await lines.aclose()  # type: ignore[attr-defined]
         return orjson.dumps(aggregate.result())
 
     async def chat(self, body: dict, target: str) -> Reply:

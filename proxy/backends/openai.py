@@ -7,6 +7,7 @@ but for the model name. Stream chunks are forwarded as they arrive.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from ..config import BackendConfig, TimeoutConfig
 from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
@@ -59,10 +60,11 @@ class OpenAIBackend:
 
     async def _frames(self, resp, renamer: ModelRenamer) -> AsyncIterator[bytes]:
         finished = False
-        async for chunk in self.http.chunks(resp):
-            if b"[DONE]" in chunk:
-                finished = True
-            yield renamer.stream(chunk)
+        async with aclosing(self.http.chunks(resp)) as chunks:
+            async for chunk in chunks:
+                if b"[DONE]" in chunk:
+                    finished = True
+                yield renamer.stream(chunk)
         rest = renamer.flush()
         if rest:
             yield rest

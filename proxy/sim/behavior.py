@@ -15,8 +15,9 @@ import math
 import random
 import re
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -58,6 +59,13 @@ class ModelSpec:
         return capability in self.capabilities
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "reply": (str,), "ttft": (int, float), "tokens_per_second": (int, float), "tool_calls": (list,),
+    "thinking": (str,), "fail": (str,), "fail_after_chunks": (int,), "fail_times": (int,), "json_reply": (dict,),
+}
+_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks"})  # the rest may be None
+
+
 @dataclass
 class Behavior:
     """Scriptable behaviour of a sim.
@@ -82,6 +90,10 @@ class Behavior:
         self.validate()
 
     def validate(self) -> None:
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if (value is not None or name in _REQUIRED) and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise TypeError(f"behavior field {name!r} cannot be {value!r}")
         if self.fail is not None and self.fail not in FAILURE_MODES:
             raise ValueError(f"unknown failure mode {self.fail!r}; expected one of {sorted(FAILURE_MODES)}")
         if self.ttft < 0 or self.tokens_per_second < 0:

@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import copy
 import logging
-import socket
 import threading
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -25,14 +25,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .behavior import Behavior, FAILURE_MODES
+from .behavior import FAILURE_MODES, Behavior
 from .server import ServerThread
 
 log = logging.getLogger(__name__)
 
-_BODY_KEY = "llm_proxy.sim.body"
+_JSON_KEY = "llm_proxy.sim.json"
 _TRANSPORT_KEY = "llm_proxy.sim.transport"
-_NO_JSON = object()  # body present but not JSON (distinct from an empty body)
 
 # Graceful shutdown waits for open connections; generations are cut by stop(),
 # this only bounds the wait for anything else that is still open.
@@ -56,23 +55,10 @@ def _find_transport(send: Send) -> asyncio.BaseTransport | None:
     return transport if isinstance(transport, asyncio.BaseTransport) else None
 
 
-def _disable_nagle(transport: asyncio.BaseTransport) -> None:
-    # ServerThread binds its listener with proto 0, so asyncio's accept path
-    # skips TCP_NODELAY; uvicorn then writes headers and body separately and
-    # Nagle plus delayed ACK adds ~40 ms to every keep-alive request. Real
-    # nodes do not have that latency, so the sims switch Nagle off themselves.
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
 class SimApp(Starlette):
     """A Starlette app that buffers and records each request body before routing."""
 
-    def __init__(self, *, on_request: Callable[[Scope, bytes], None],
+    def __init__(self, *, on_request: Callable[[Scope, Any], None],
                  gate: Callable[[Scope], Response | None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_request = on_request
@@ -91,11 +77,9 @@ class SimApp(Starlette):
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        scope[_BODY_KEY] = body
-        scope[_TRANSPORT_KEY] = transport = _find_transport(send)
-        if transport is not None:
-            _disable_nagle(transport)
-        self._on_request(scope, body)
+        scope[_JSON_KEY] = parsed = parse_json(body)
+        scope[_TRANSPORT_KEY] = _find_transport(send)
+        self._on_request(scope, parsed[0])
         if self._gate is not None and (denied := self._gate(scope)) is not None:
             await denied(scope, receive, send)
             return
@@ -112,26 +96,19 @@ class SimApp(Starlette):
         await super().__call__(scope, replay, send)
 
 
-def parse_json(body: bytes) -> Any:
-    """The parsed body, None when empty, or ``_NO_JSON`` when it is not JSON."""
+def parse_json(body: bytes) -> tuple[Any, str | None]:
+    """(parsed body or None when empty, decode error text or None)."""
     if not body.strip():
-        return None
+        return None, None
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _NO_JSON
+        return orjson.loads(body), None
+    except orjson.JSONDecodeError as exc:
+        return None, str(exc)
 
 
 def request_json(request: Request) -> tuple[Any, str | None]:
-    """(parsed body, error text); the body was already buffered by :class:`SimApp`."""
-    body = request.scope.get(_BODY_KEY, b"")
-    parsed = parse_json(body)
-    if parsed is _NO_JSON:
-        try:
-            orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return None, str(exc)
-    return parsed, None
+    """The body :class:`SimApp` already buffered and parsed for this request."""
+    return request.scope.get(_JSON_KEY, (None, None))
 
 
 class Output:
@@ -204,7 +181,7 @@ class Generation:
     finished normally, False when it failed on purpose (error or abort).
     """
 
-    def __init__(self, sim: "SimBase", runner: Runner) -> None:
+    def __init__(self, sim: SimBase, runner: Runner) -> None:
         self._sim = sim
         self._runner = runner
         self._task: asyncio.Task | None = None
@@ -230,7 +207,8 @@ class Generation:
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
-                outcome = "completed" if (not task.cancelled() and task.result()) else "failed"
+                succeeded = not task.cancelled() and task.exception() is None and task.result()
+                outcome = "completed" if succeeded else "failed"
             elif output.aborted:
                 outcome = "failed"
             else:
@@ -246,8 +224,8 @@ class Generation:
             if not task.done():
                 task.cancel()
             self._sim._generation_finished(self, outcome)
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc  # AbortConnection or a bug: uvicorn logs it and closes the connection
 
     def kill(self) -> None:
         """Server shutdown: cut the connection like a dying process would."""
@@ -290,7 +268,7 @@ class SimBase:
 
     # ----------------------------------------------------------- lifecycle
 
-    def start(self) -> "SimBase":
+    def start(self) -> SimBase:
         self._server.start()
         return self
 
@@ -367,13 +345,12 @@ class SimBase:
             return {"active": self._active, "max_active": self._max_active, "cancelled": self._cancelled,
                     "completed": self._completed, "failed": self._failed, "requests": len(self._requests)}
 
-    def _record(self, scope: Scope, body: bytes) -> None:
+    def _record(self, scope: Scope, parsed: Any) -> None:
         if scope["path"].startswith("/_sim/"):
             return  # the control plane is not traffic the proxy sent
-        parsed = parse_json(body)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         with self._lock:
-            self._requests.append((scope["method"], scope["path"], None if parsed is _NO_JSON else parsed, headers))
+            self._requests.append((scope["method"], scope["path"], parsed, headers))
 
     def _generation_started(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
@@ -395,7 +372,9 @@ class SimBase:
     # ----------------------------------------------------------- behaviour
 
     def _snapshot(self) -> Behavior:
-        return dataclasses.replace(self.behavior)
+        # copy, not dataclasses.replace: a field assigned directly may be invalid,
+        # and that should surface as a scripted 500 (see _take_failure), not a crash.
+        return copy.copy(self.behavior)
 
     def _take_failure(self) -> str | None:
         """The failure this request should suffer, counting down ``fail_times``."""

@@ -10,7 +10,6 @@ with an integer code, and validation failures are 400 rather than 422.
 from __future__ import annotations
 
 import base64
-import re
 import struct
 import time
 import uuid
@@ -30,65 +29,30 @@ from .behavior import (
     Reply,
     compose_reply,
     count_prompt_tokens,
-    count_words,
     embedding,
     l2_normalize,
     token_logprob,
 )
 from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced, request_json
-
-SSE = "text/event-stream; charset=utf-8"
-_DONE = b"data: [DONE]\n\n"
-_ARG_PIECE = re.compile(r"[^,:]+[,:]?|[,:]")
-_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest default, unlike chat
-_MID_STREAM_ERROR = "EngineCore encountered an issue. See stack trace (above) for the root cause."
-
-
-def verror(status: int, message: str, err_type: str = "BadRequestError", param: str | None = None) -> Response:
-    return ORJSONResponse({"error": _error_info(status, message, err_type, param)}, status_code=status)
-
-
-def _error_info(status: int, message: str, err_type: str, param: str | None = None) -> dict[str, Any]:
-    return {"message": message, "type": err_type, "param": param, "code": status}
-
-
-def _validation(kind: str, loc: tuple, msg: str, value: Any) -> Response:
-    # pydantic's error list, rendered the way vLLM puts str(exc) into the message
-    return verror(400, str([{"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}]))
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-def _text_of(content: Any) -> str:
-    """Text of a message ``content``: a string, or the text parts of a content-part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
-def _check_types(body: dict, expected: dict[str, tuple[tuple[type, ...], str, str]]) -> Response | None:
-    for name, (kinds, kind, msg) in expected.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            return _validation(kind, (name,), msg, value)
-    return None
-
-
-_INT = ((int,), "int_type", "Input should be a valid integer")
-_BOOL = ((bool,), "bool_type", "Input should be a valid boolean")
-_NUMBER = ((int, float), "float_type", "Input should be a valid number")
-_STOP = ((str, list), "list_type", "Input should be a valid list")
-_COMMON_FIELDS = {"stream": _BOOL, "max_tokens": _INT, "n": _INT, "temperature": _NUMBER, "top_p": _NUMBER,
-                  "stop": _STOP, "seed": _INT}
-_CHAT_FIELDS = {**_COMMON_FIELDS, "logprobs": _BOOL, "top_logprobs": _INT, "max_completion_tokens": _INT,
-                "tools": ((list,), "list_type", "Input should be a valid list")}
-_COMPLETION_FIELDS = {**_COMMON_FIELDS, "logprobs": _INT, "echo": _BOOL}
+from .vllm_wire import (
+    ARG_PIECE,
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    DONE,
+    MID_STREAM_ERROR,
+    SSE,
+    check_types,
+    embedding_inputs,
+    error_info,
+    json_request,
+    parse_prompts,
+    sse,
+    stops,
+    text_of,
+    validation_error,
+    verror,
+)
 
 
 @dataclass
@@ -196,9 +160,9 @@ class SimVLLM(SimBase):
     def _read(self, request: Request) -> tuple[dict | None, Response | None]:
         body, parse_error = request_json(request)
         if parse_error is not None:
-            return None, _validation("json_invalid", (0,), "JSON decode error", {})
+            return None, validation_error("json_invalid", (0,), "JSON decode error", {})
         if not isinstance(body, dict):
-            return None, _validation("model_attributes_type", (), "Input should be a valid dictionary or object "
+            return None, validation_error("model_attributes_type", (), "Input should be a valid dictionary or object "
                                      "to extract fields from", body)
         return body, None
 
@@ -215,8 +179,8 @@ class SimVLLM(SimBase):
             return verror(400, "Stream options can only be defined when `stream=True`.")
         if max_tokens is not None and max_tokens < 1:
             return verror(400, f"max_tokens must be at least 1, got {max_tokens}.")
-        if (body.get("n") or 1) < 1:
-            return verror(400, f"n must be at least 1, got {body.get('n')}.")
+        if body.get("n") is not None and body["n"] < 1:
+            return verror(400, f"n must be at least 1, got {body['n']}.")
         requested = prompt_tokens + (max_tokens or 0)
         if prompt_tokens > self.max_model_len or requested > self.max_model_len:
             return verror(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -238,16 +202,16 @@ class SimVLLM(SimBase):
         if failure:
             return failure
         behavior = self._snapshot()
-        if (bad := _check_types(body, _CHAT_FIELDS)) is not None:
+        if (bad := check_types(body, CHAT_FIELDS)) is not None:
             return bad
         messages = body.get("messages")
         if messages is None:
-            return _validation("missing", ("messages",), "Field required", body)
+            return validation_error("missing", ("messages",), "Field required", body)
         if not isinstance(messages, list):
-            return _validation("list_type", ("messages",), "Input should be a valid list", messages)
+            return validation_error("list_type", ("messages",), "Input should be a valid list", messages)
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                return _validation("missing", ("messages", i, "role"), "Field required", message)
+                return validation_error("missing", ("messages", i, "role"), "Field required", message)
         model, missing = self._resolve_model(body)
         if missing:
             return missing
@@ -266,26 +230,27 @@ class SimVLLM(SimBase):
         if not self.supports_system_role and any(m.get("role") == "system" for m in messages):
             # Gemma-style chat templates raise this from Jinja; vLLM maps it to a 400.
             return verror(400, "System role not supported")
-        texts = [_text_of(m.get("content")) for m in messages]
+        texts = [text_of(m.get("content")) for m in messages]
         prompt_tokens = count_prompt_tokens(texts, len(messages))
         max_tokens = body.get("max_completion_tokens")
         max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
         if (bad := self._sampling_checks(body, prompt_tokens, max_tokens)) is not None:
             return bad
 
-        kwargs = body.get("chat_template_kwargs") or {}
-        thinking = behavior.thinking if kwargs.get("enable_thinking", True) is not False else None
-        named = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+        kwargs = body.get("chat_template_kwargs")
+        thinking_off = isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
+        thinking = None if thinking_off else behavior.thinking
+        function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        named = function.get("name") if isinstance(function, dict) else None
         if named and behavior.tool_calls:
             calls = [c for c in behavior.tool_calls if c.get("name") == named]
             behavior.tool_calls = calls or [{"name": named, "arguments": dict(behavior.tool_calls[0].get("arguments") or {})}]
-        user_texts = [_text_of(m.get("content")) for m in messages if m.get("role") == "user"]
-        schema, json_mode = _json_request(body)
-        stop = body.get("stop")
+        user_texts = [text_of(m.get("content")) for m in messages if m.get("role") == "user"]
+        schema, json_mode = json_request(body)
         reply = compose_reply(
             behavior, last_user=(user_texts or texts or [""])[-1], prompt_tokens=prompt_tokens, thinking=thinking,
             tools_offered=bool(tools) and tool_choice != "none", json_mode=json_mode, json_schema=schema,
-            max_tokens=max_tokens, stop=[stop] if isinstance(stop, str) else list(stop or []))
+            max_tokens=max_tokens, stop=stops(body))
         include_usage, continuous = self._usage_flags(body)
         job = _Job("chat", model, behavior, self._take_failure(), [reply] * (body.get("n") or 1),
                    bool(body.get("stream")), prompt_tokens, include_usage, continuous,
@@ -300,28 +265,27 @@ class SimVLLM(SimBase):
         if failure:
             return failure
         behavior = self._snapshot()
-        if (bad := _check_types(body, _COMPLETION_FIELDS)) is not None:
+        if (bad := check_types(body, COMPLETION_FIELDS)) is not None:
             return bad
-        prompts = _prompts(body.get("prompt"))
+        prompts = parse_prompts(body.get("prompt"))
         if prompts is None:
             if "prompt" not in body:
-                return _validation("missing", ("prompt",), "Field required", body)
-            return _validation("string_type", ("prompt",), "Input should be a valid string", body.get("prompt"))
+                return validation_error("missing", ("prompt",), "Field required", body)
+            return validation_error("string_type", ("prompt",), "Input should be a valid string", body.get("prompt"))
         model, missing = self._resolve_model(body)
         if missing:
             return missing
         if self.embedding:
             return verror(400, "The model does not support Completions API")
-        max_tokens = body.get("max_tokens", _COMPLETIONS_DEFAULT_MAX_TOKENS)
-        stop = body.get("stop")
-        schema, json_mode = _json_request(body)
+        max_tokens = body.get("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+        schema, json_mode = json_request(body)
         replies: list[Reply] = []
         for text, tokens in prompts:
             if (bad := self._sampling_checks(body, tokens, max_tokens)) is not None:
                 return bad
             reply = compose_reply(behavior, last_user=text, prompt_tokens=tokens, json_mode=json_mode,
                                   json_schema=schema, max_tokens=max_tokens,
-                                  stop=[stop] if isinstance(stop, str) else list(stop or []))
+                                  stop=stops(body))
             replies += [reply] * (body.get("n") or 1)
         include_usage, continuous = self._usage_flags(body)
         job = _Job("completion", model, behavior, self._take_failure(), replies, bool(body.get("stream")),
@@ -347,7 +311,7 @@ class SimVLLM(SimBase):
         index, call = value
         header = {"index": index, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
                   "function": {"name": call["name"], "arguments": ""}}
-        pieces = _ARG_PIECE.findall(orjson.dumps(call["arguments"]).decode())
+        pieces = ARG_PIECE.findall(orjson.dumps(call["arguments"]).decode())
         return [({"tool_calls": [header]}, None)] + [
             ({"tool_calls": [{"index": index, "function": {"arguments": p}}]}, None) for p in pieces]
 
@@ -383,14 +347,14 @@ class SimVLLM(SimBase):
             if not script:  # nothing generated for this choice: close it with an empty final delta
                 closing.append(self._frames(job, i, "content", "", True, 0))
         if job.include_usage:
-            closing.append(_sse({**self._chunk(job, []), "usage": job.usage()}))
-        await out.finish(b"".join(closing) + _DONE)
+            closing.append(sse({**self._chunk(job, []), "usage": job.usage()}))
+        await out.finish(b"".join(closing) + DONE)
         return True
 
     def _role_chunks(self, job: _Job) -> bytes:
         if job.endpoint != "chat":
             return b""
-        return b"".join(_sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
+        return b"".join(sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]))
                         for i in range(len(job.replies)))
 
@@ -417,7 +381,7 @@ class SimVLLM(SimBase):
             chunk = self._chunk(job, [choice])
             if job.continuous_usage:
                 chunk["usage"] = job.usage(produced)
-            frames.append(_sse(chunk))
+            frames.append(sse(chunk))
         return b"".join(frames)
 
     async def _respond(self, job: _Job, out: Output) -> bool:
@@ -464,12 +428,12 @@ class SimVLLM(SimBase):
     async def _fail_early(self, job: _Job, out: Output) -> bool:
         failure = job.failure
         if failure == "http_500":
-            await out.respond_json(500, {"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")})
+            await out.respond_json(500, {"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")})
         elif failure == "busy":
-            await out.respond_json(503, {"error": _error_info(503, "The server is overloaded, please try again later.",
+            await out.respond_json(503, {"error": error_info(503, "The server is overloaded, please try again later.",
                                                               "ServiceUnavailableError")})
         elif failure == "not_found":
-            await out.respond_json(404, {"error": _error_info(404, f"The model `{job.model}` does not exist.",
+            await out.respond_json(404, {"error": error_info(404, f"The model `{job.model}` does not exist.",
                                                               "NotFoundError", "model")})
         elif failure == "hang":
             await hang_forever()
@@ -481,10 +445,10 @@ class SimVLLM(SimBase):
         if job.failure == "die_mid_stream":
             out.abort()
         elif out.started:  # the 200 is out: the error becomes a data frame, then [DONE]
-            await out.write(_sse({"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")}))
-            await out.finish(_DONE)
+            await out.write(sse({"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")}))
+            await out.finish(DONE)
         else:
-            await out.respond_json(500, {"error": _error_info(500, _MID_STREAM_ERROR, "InternalServerError")})
+            await out.respond_json(500, {"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")})
         return False
 
     # ----------------------------------------------------------- embeddings
@@ -501,13 +465,13 @@ class SimVLLM(SimBase):
         if not self.embedding:
             return verror(400, "The model does not support Embeddings API")
         if "input" not in body:
-            return _validation("missing", ("input",), "Field required", body)
-        inputs = _embedding_inputs(body["input"])
+            return validation_error("missing", ("input",), "Field required", body)
+        inputs = embedding_inputs(body["input"])
         if inputs is None:
-            return _validation("string_type", ("input",), "Input should be a valid string", body["input"])
+            return validation_error("string_type", ("input",), "Input should be a valid string", body["input"])
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
-            return _validation("literal_error", ("encoding_format",), "Input should be 'float' or 'base64'", encoding)
+            return validation_error("literal_error", ("encoding_format",), "Input should be 'float' or 'base64'", encoding)
         dimensions = body.get("dimensions")
         if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
             return verror(400, "dimensions must be a positive integer")
@@ -540,54 +504,3 @@ class SimVLLM(SimBase):
             return True
 
         return Generation(self, run)
-
-
-def _json_request(body: dict) -> tuple[dict | None, bool]:
-    """(schema, json_mode) from response_format or vLLM's guided/structured extras."""
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict):
-        if fmt.get("type") == "json_schema":
-            spec = fmt.get("json_schema") or {}
-            return (spec.get("schema") or spec.get("json_schema")), True
-        if fmt.get("type") == "json_object":
-            return None, True
-    guided = body.get("guided_json") or (body.get("structured_outputs") or {}).get("json")
-    if isinstance(guided, str):
-        try:
-            guided = orjson.loads(guided)
-        except orjson.JSONDecodeError:
-            guided = None
-    if isinstance(guided, dict):
-        return guided, True
-    return None, False
-
-
-def _prompts(prompt: Any) -> list[tuple[str, int]] | None:
-    """(text, prompt token count) per prompt, or None when the prompt is malformed."""
-    if isinstance(prompt, str):
-        return [(prompt, count_words(prompt) + 1)]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [(p, count_words(p) + 1) for p in prompt]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [(_token_text(prompt), len(prompt))]
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return [(_token_text(p), len(p)) for p in prompt]
-    return None
-
-
-def _embedding_inputs(value: Any) -> list[tuple[str, int]] | None:
-    if isinstance(value, str):
-        return [(value, count_words(value) + 2)]
-    if isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            return [(v, count_words(v) + 2) for v in value]
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return [(_token_text(value), len(value))]
-        if all(isinstance(v, list) and all(isinstance(t, int) for t in v) for v in value):
-            return [(_token_text(v), len(v)) for v in value]
-    return None
-
-
-def _token_text(tokens: list[int]) -> str:
-    return " ".join(f"<{t}>" for t in tokens)
