@@ -34,15 +34,17 @@ class ModelRenamer:
     def __init__(self, backend_name: str, public_name: str) -> None:
         self.public = public_name
         self.noop = backend_name == public_name
-        self._old = b'"model":' + orjson.dumps(backend_name)
-        self._new = b'"model":' + orjson.dumps(public_name)
+        old, new = orjson.dumps(backend_name), orjson.dumps(public_name)
+        # Compact JSON (vLLM, pydantic) and Python's json.dumps style (llama.cpp server).
+        self._patterns = ((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new))
         self._pending = b""
 
     def body(self, raw: bytes) -> bytes:
         if self.noop:
             return raw
-        if self._old in raw:
-            return raw.replace(self._old, self._new, 1)
+        for old, new in self._patterns:
+            if old in raw:
+                return raw.replace(old, new, 1)
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -66,8 +68,9 @@ class ModelRenamer:
             chunk, self._pending = chunk[:cut], chunk[cut:]
             if not chunk:
                 return b""
-        if self._old in chunk:
-            return chunk.replace(self._old, self._new)
+        for old, new in self._patterns:
+            if old in chunk:
+                return chunk.replace(old, new)
         if b'"model":' not in chunk:
             return chunk
         return b"".join(self._event(e) for e in chunk.split(b"\n\n") if e)
