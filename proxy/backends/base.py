@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import BackendConfig
+from ..config import BackendConfig, TimeoutConfig
+from ._http import Upstream
 
 
 @dataclass
@@ -58,6 +59,21 @@ class Backend(Protocol):
         """The form two names that mean the same model share (Ollama: ``llama3`` is ``llama3:latest``)."""
 
     async def aclose(self) -> None: ...
+
+
+class HTTPBackend:
+    """What every adapter over HTTP shares: its config, one pooled upstream client, its name."""
+
+    def __init__(self, config: BackendConfig, timeouts: TimeoutConfig) -> None:
+        self.config = config
+        self.http = Upstream(config, timeouts)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 async def primed(frames: AsyncIterator[bytes]) -> Stream:

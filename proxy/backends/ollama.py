@@ -9,11 +9,10 @@ from datetime import datetime
 
 import orjson
 
-from ..config import BackendConfig, TimeoutConfig
 from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
 from ..translate import ollama_chat, ollama_text
-from ._http import Upstream, UpstreamStatus
-from .base import Reply, ServedModel, primed
+from ._http import UpstreamStatus
+from .base import HTTPBackend, Reply, ServedModel, primed
 
 # Ollama's 400 messages that point at one request field, so the client's error can name it.
 _PARAM_HINTS = (("support tools", "tools"), ("support thinking", "reasoning_effort"),
@@ -41,20 +40,9 @@ def _created(modified_at: str | None) -> int:
         return 0
 
 
-class OllamaBackend:
-    def __init__(self, config: BackendConfig, timeouts: TimeoutConfig) -> None:
-        self.config = config
-        self.http = Upstream(config, timeouts)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
+class OllamaBackend(HTTPBackend):
     def model_key(self, name: str) -> str:
         return normalize(name)
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
     def _error(self, exc: UpstreamStatus, target: str) -> ProxyError:
         msg, where = exc.message, f"backend {self.name!r}"

@@ -9,27 +9,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from ..config import BackendConfig, TimeoutConfig
 from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
 from ..translate.passthrough import ModelRenamer, request_body
-from ._http import Upstream, UpstreamStatus
-from .base import Reply, ServedModel, primed
+from ._http import UpstreamStatus
+from .base import HTTPBackend, Reply, ServedModel, primed
 
 
-class OpenAIBackend:
-    def __init__(self, config: BackendConfig, timeouts: TimeoutConfig) -> None:
-        self.config = config
-        self.http = Upstream(config, timeouts)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
+class OpenAIBackend(HTTPBackend):
     def model_key(self, name: str) -> str:
         return name
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
 
     def _error(self, exc: UpstreamStatus, target: str) -> ProxyError:
         msg, where = exc.message, f"backend {self.name!r}"

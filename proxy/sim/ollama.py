@@ -129,21 +129,29 @@ class SimOllama(OllamaModels, SimBase):
             return None, error(400, f'"{model}" does not support thinking')
         return None, None
 
+    @staticmethod
+    def _check_generation(body: dict, type_name: str, fields) -> tuple[Any, int, Response | None]:
+        """The checks /api/chat and /api/generate share: field types, think, top_logprobs."""
+        type_error = field_error(body, type_name, fields)
+        if type_error:
+            return None, 0, error(400, type_error)
+        think, think_error = parse_think(body.get("think"))
+        if think_error:
+            return None, 0, error(400, think_error)
+        top_logprobs = body.get("top_logprobs") or 0
+        if not 0 <= top_logprobs <= 20:
+            return None, 0, error(400, "top_logprobs must be between 0 and 20")
+        return think, top_logprobs, None
+
     async def _chat(self, request: Request) -> Response:
         started = time.time_ns()
         body, failure = self._read(request, "ChatRequest")
         if failure:
             return failure
         behavior = self._snapshot()
-        type_error = field_error(body, "ChatRequest", CHAT_FIELDS)
-        if type_error:
-            return error(400, type_error)
-        think, think_error = parse_think(body.get("think"))
-        if think_error:
-            return error(400, think_error)
-        top_logprobs = body.get("top_logprobs") or 0
-        if not 0 <= top_logprobs <= 20:
-            return error(400, "top_logprobs must be between 0 and 20")
+        think, top_logprobs, invalid = self._check_generation(body, "ChatRequest", CHAT_FIELDS)
+        if invalid:
+            return invalid
         model = body.get("model") or ""
         if not model:
             return error(400, "model is required")
@@ -201,15 +209,9 @@ class SimOllama(OllamaModels, SimBase):
         if failure:
             return failure
         behavior = self._snapshot()
-        type_error = field_error(body, "GenerateRequest", GENERATE_FIELDS)
-        if type_error:
-            return error(400, type_error)
-        think, think_error = parse_think(body.get("think"))
-        if think_error:
-            return error(400, think_error)
-        top_logprobs = body.get("top_logprobs") or 0
-        if not 0 <= top_logprobs <= 20:
-            return error(400, "top_logprobs must be between 0 and 20")
+        think, top_logprobs, invalid = self._check_generation(body, "GenerateRequest", GENERATE_FIELDS)
+        if invalid:
+            return invalid
         model = body.get("model") or ""
         spec = self.find(model) if model else None
         if spec is None:

@@ -12,6 +12,36 @@ from ..errors import UnsupportedParameter
 DONE = b"data: [DONE]\n\n"
 
 
+class ChunkFramer:
+    """SSE frames for one streamed answer, whose chunks all share ``id``, ``object``, ``created``, ``model``.
+
+    The shared part is encoded once per stream and the per-token part spliced in,
+    instead of encoding a whole chunk object for every token.
+    """
+
+    def __init__(self, id_prefix: str, obj: str, model: str, field: str) -> None:
+        self.id = new_id(id_prefix)
+        head = {"id": self.id, "object": obj, "created": now(), "model": model}
+        self._head = b'data: {"choices":[{"index":0,"' + field.encode() + b'":'
+        self._shared = orjson.dumps(head)[1:] + b"\n\n"  # '"id":...}' and the event end
+
+    def choice(self, value, logprobs=None, finish: str | None = None) -> bytes:
+        return (
+            self._head
+            + orjson.dumps(value)
+            + b',"logprobs":'
+            + orjson.dumps(logprobs)
+            + b',"finish_reason":'
+            + orjson.dumps(finish)
+            + b"}],"
+            + self._shared
+        )
+
+    def usage(self, usage: dict) -> bytes:
+        """The final ``include_usage`` chunk: no choices, the token counts."""
+        return b'data: {"choices":[],"usage":' + orjson.dumps(usage) + b"," + self._shared
+
+
 def new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 

@@ -16,6 +16,7 @@ from ..errors import InvalidRequest, UnsupportedParameter
 from .common import (
     DONE,
     IGNORED_FIELDS,
+    ChunkFramer,
     finish_reason,
     new_id,
     now,
@@ -248,30 +249,18 @@ class ChatStream:
 
     def __init__(self, shape: ChatShape) -> None:
         self.shape = shape
-        self.id = new_id("chatcmpl-")
-        self.created = now()
+        self.framer = ChunkFramer("chatcmpl-", "chat.completion.chunk", shape.model, "delta")
+        self.id = self.framer.id
         self.tool_calls = 0
         self.role_sent = False
         self.usage: dict | None = None
         self.finish_reason: str | None = None
-        head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": shape.model}
-        # Every chunk shares id/created/model: encode that prefix once, not per token.
-        self._head = b'data: {"choices":[{"index":0,"delta":'
-        self._tail = b"}]," + orjson.dumps(head)[1:] + b"\n\n"
 
     def _frame(self, delta: dict, logprobs=None, finish: str | None = None) -> bytes:
         if not self.role_sent:
             delta = {"role": "assistant", **delta}
             self.role_sent = True
-        return (
-            self._head
-            + orjson.dumps(delta)
-            + b',"logprobs":'
-            + orjson.dumps(logprobs)
-            + b',"finish_reason":'
-            + orjson.dumps(finish)
-            + self._tail
-        )
+        return self.framer.choice(delta, logprobs, finish)
 
     def feed(self, line: dict) -> bytes:
         """SSE bytes for one native line (possibly several frames, possibly none)."""
@@ -302,7 +291,7 @@ class ChatStream:
         self.usage = usage(line)
         out += self._frame({}, None, self.finish_reason)
         if self.shape.include_usage:
-            out += b'data: {"choices":[],"usage":' + orjson.dumps(self.usage) + b"," + self._tail[3:]
+            out += self.framer.usage(self.usage)
         return out + DONE
 
 

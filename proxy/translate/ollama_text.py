@@ -7,10 +7,19 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-import orjson
-
 from ..errors import InvalidRequest, UnsupportedParameter
-from .common import DONE, IGNORED_FIELDS, finish_reason, new_id, now, ollama_options, refuse_if, refuse_unknown, usage
+from .common import (
+    DONE,
+    IGNORED_FIELDS,
+    ChunkFramer,
+    finish_reason,
+    new_id,
+    now,
+    ollama_options,
+    refuse_if,
+    refuse_unknown,
+    usage,
+)
 
 _KNOWN_COMPLETION = IGNORED_FIELDS | {
     "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stream", "logprobs",
@@ -78,23 +87,10 @@ class TextStream:
 
     def __init__(self, shape: TextShape) -> None:
         self.shape = shape
+        self.framer = ChunkFramer("cmpl-", "text_completion", shape.model, "text")
         self.offset = 0
         self.usage: dict | None = None
         self.finish_reason: str | None = None
-        head = {"id": new_id("cmpl-"), "object": "text_completion", "created": now(), "model": shape.model}
-        self._head = b'data: {"choices":[{"index":0,"text":'
-        self._tail = b"}]," + orjson.dumps(head)[1:] + b"\n\n"
-
-    def _frame(self, text: str, logprobs: dict | None, finish: str | None) -> bytes:
-        return (
-            self._head
-            + orjson.dumps(text)
-            + b',"logprobs":'
-            + orjson.dumps(logprobs)
-            + b',"finish_reason":'
-            + orjson.dumps(finish)
-            + self._tail
-        )
 
     def feed(self, line: dict) -> bytes:
         out = b""
@@ -102,13 +98,13 @@ class TextStream:
         if text:
             logprobs = _legacy_logprobs(line["logprobs"], self.offset) if line.get("logprobs") else None
             self.offset += len(text)
-            out += self._frame(text, logprobs, None)
+            out += self.framer.choice(text, logprobs)
         if line.get("done"):
             self.finish_reason = finish_reason(line.get("done_reason"), False)
             self.usage = usage(line)
-            out += self._frame("", None, self.finish_reason)
+            out += self.framer.choice("", None, self.finish_reason)
             if self.shape.include_usage:
-                out += b'data: {"choices":[],"usage":' + orjson.dumps(self.usage) + b"," + self._tail[3:]
+                out += self.framer.usage(self.usage)
             out += DONE
         return out
 
