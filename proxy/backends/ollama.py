@@ -124,11 +124,3 @@ class OllamaBackend(HTTPBackend):
             if name:
                 models.append(ServedModel(name, _created(entry.get("modified_at")), entry))
         return models
-
-    async def show(self, target: str) -> dict:
-        """``/api/show``: template, capabilities and context length of one model."""
-        try:
-            resp = await self.http.post("/api/show", orjson.dumps({"model": target}), stream=False)
-        except UpstreamStatus as exc:
-            raise self._error(exc, target) from None
-        return orjson.loads(resp.content)
