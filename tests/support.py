@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from proxy.app import create_app
 from proxy.config import parse_config
@@ -46,3 +47,13 @@ def backends_config(ollama: SimOllama, vllm: SimVLLM) -> dict:
             {"name": "qwen-chat", "target": "qwen2.5-7b", "backends": ["vllm-1"]},
         ],
     }
+
+
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    """Poll a condition that another thread (a simulated backend) makes true a moment later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from proxy.sim import Behavior, SimOllama
-from tests.support import PROXY_KEY, ollama_models, running_proxy
+from tests.support import PROXY_KEY, ollama_models, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -26,15 +26,6 @@ def assert_openai_error(resp: httpx.Response, status: int, *, param=None, code=N
     if code is not None:
         assert error["code"] == code
     return error
-
-
-def wait_for(predicate, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- the client's mistakes ----------------------------------------------------------------------
