@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from proxy.sim import Behavior, ModelSpec, SimOllama
+from tests.support import wait_for
 
 USER = [{"role": "user", "content": "one two three"}]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
@@ -37,15 +38,6 @@ def api(sim):
 
 def lines(response: httpx.Response) -> list[dict]:
     return [json.loads(line) for line in response.text.splitlines() if line]
-
-
-def wait_for(predicate, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # --------------------------------------------------------------------------- basic endpoints

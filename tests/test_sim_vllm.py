@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from proxy.sim import Behavior, SimVLLM
+from tests.support import wait_for
 
 KEY = "test-key"
 USER = [{"role": "user", "content": "one two three"}]
@@ -48,15 +49,6 @@ def events(response: httpx.Response) -> list:
     frames = text[:-2].split("\n\n")
     assert all(frame.startswith("data: ") for frame in frames)
     return [frame[6:] if frame == "data: [DONE]" else json.loads(frame[6:]) for frame in frames]
-
-
-def wait_for(predicate, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def chat(api: httpx.Client, **fields) -> httpx.Response:
