@@ -95,12 +95,35 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Values used when a request leaves them out."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    def items(self):
+        return ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A public name (alias) for a model a backend knows under ``target``."""
 
     name: str
     target: str
     backends: tuple[str, ...] = ()  # empty: every backend that serves the target
+    # Chat-template adaptation (proxy/adapt.py): Gemma-style templates have no system role,
+    # Mistral-style ones need strict user/assistant alternation.
+    supports_system_role: bool = True
+    alternating_roles: bool = False
+    system_prompt: str = ""
+    defaults: SamplingDefaults | None = None
 
 
 @dataclass(frozen=True)

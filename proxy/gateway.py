@@ -1,7 +1,8 @@
 """The request chain for the OpenAI endpoints, in the order a request meets it.
 
-read the body -> validate -> resolve the model -> route to a backend (adapter
-and translation inside) -> answer, as JSON or as an SSE stream.
+read the body -> validate -> resolve the model -> adapt the conversation to the
+model's template -> route to a backend (adapter and translation inside) ->
+answer, as JSON or as an SSE stream.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import validate
+from .adapt import adapt_request, needs_adapting
 from .backends import Backend, Stream
 from .catalog import Catalog
 from .config import Config
@@ -50,6 +52,8 @@ class Gateway:
         body = await read_json(request.receive, headers, self.config.server.max_body_bytes)
         _VALIDATORS[operation](body)
         route = await self.resolver.resolve(body["model"])
+        if operation != "embeddings" and needs_adapting(route.alias):
+            body = adapt_request(body, route.alias)
         with DisconnectWatch(request.receive) as watch:
             outcome = await self.router.dispatch(route, operation, body)
         if watch.disconnected:
