@@ -48,8 +48,7 @@ class Gateway:
     router: Router
 
     async def generate(self, request: Request, operation: Operation) -> Response | SSEResponse:
-        headers = dict(request.scope["headers"])
-        body = await read_json(request.receive, headers, self.config.server.max_body_bytes)
+        body = await read_json(request.receive, request.scope["headers"], self.config.server.max_body_bytes)
         _VALIDATORS[operation](body)
         route = await self.resolver.resolve(body["model"])
         if operation != "embeddings" and needs_adapting(route.alias):

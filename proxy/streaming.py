@@ -20,9 +20,9 @@ from .errors import BodyTooLarge, ClientGone, InvalidRequest, ProxyError, intern
 log = logging.getLogger("llm_proxy")
 
 
-async def read_json(receive, headers: dict[bytes, bytes] | None, limit: int) -> dict:
+async def read_json(receive, headers: list[tuple[bytes, bytes]], limit: int) -> dict:
     """The request body as a JSON object, refusing more than ``limit`` bytes."""
-    declared = headers.get(b"content-length") if headers else None
+    declared = next((value for name, value in headers if name == b"content-length"), None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Request body of {int(declared)} bytes is larger than the limit of {limit} bytes.")
     chunks = []
