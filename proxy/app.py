@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -14,23 +13,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .backends import make_backend
-from .catalog import Catalog
+from . import admin
 from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, error_response, internal_error
 from .gateway import Gateway
-from .middleware import APIKeyAuth
-from .resolve import Resolver
-from .routing import Router
+from .middleware import AdminAuth, APIKeyAuth
+from .services import Services
 
 log = logging.getLogger("llm_proxy")
 
-# How long start-up waits for the first model listing before serving anyway.
-_FIRST_DISCOVERY_TIMEOUT = 15.0
-
 
 def _gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+    return request.app.state.services.gateway
 
 
 async def chat_completions(request: Request):
@@ -81,22 +75,13 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        backends = {b.name: make_backend(b, config.timeouts_for(b)) for b in config.backends}
-        catalog = Catalog(backends, config.discovery.interval)
-        try:
-            await asyncio.wait_for(catalog.refresh(), _FIRST_DISCOVERY_TIMEOUT)
-        except TimeoutError:
-            log.warning("some backends did not list their models in time; serving anyway")
-        catalog.start()
-        for name, view in catalog.views.items():
-            state = f"{len(view.models)} models" if view.reachable else f"unreachable ({view.error})"
-            log.info("backend %s: %s", name, state)
-        app.state.gateway = Gateway(config, backends, catalog, Resolver(config, backends, catalog), Router(backends))
+        services = Services.build(config)
+        await services.start()
+        app.state.services = services
         try:
             yield
         finally:
-            await catalog.stop()
-            await asyncio.gather(*(b.aclose() for b in backends.values()))
+            await services.close()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -106,10 +91,14 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        *admin.routes(),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(APIKeyAuth, keys=config.server.api_keys)],
+        middleware=[
+            Middleware(APIKeyAuth, keys=config.server.api_keys),
+            Middleware(AdminAuth, keys=config.server.admin_keys),
+        ],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )

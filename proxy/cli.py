@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import TASK_TYPES, Config, ConfigError, load_config
 
 
 def _load(path: str, host: str | None = None, port: int | None = None) -> Config:
@@ -33,8 +33,21 @@ def routing_table(config: Config) -> str:
     width = max((len(m.name) for m in config.models), default=0)
     for m in config.models:
         where = ", ".join(m.backends) if m.backends else "any backend that serves it"
-        lines.append(f"  {m.name:<{width}}  -> {m.target}  @ {where}")
+        extra = f"  capabilities={','.join(m.capabilities)}" if m.capabilities else ""
+        extra += f"  fallback={','.join(m.fallback)}" if m.fallback else ""
+        lines.append(f"  {m.name:<{width}}  -> {m.target}  @ {where}{extra}")
     lines.append("  (any other model a backend serves is routable under its own name)")
+    routing = config.routing
+    if routing.routers:
+        lines.append(f"task routing ({', '.join(routing.routers)}):")
+        tasks = {t: config.task_capability(t) for t in sorted({*TASK_TYPES, *routing.task_types})}
+        for task, capability in tasks.items():
+            ranked = [m.name for m in sorted(
+                (m for m in config.models if capability in m.capabilities),
+                key=lambda m: (m.capabilities.index(capability), m.preference))]  # fmt: skip
+            general = routing.default_model not in ranked and capability != "embedding"
+            chain = " > ".join(ranked + ([routing.default_model] if general and routing.default_model else []))
+            lines.append(f"  {task} -> {capability}: {chain or '(no model; set routing.default_model)'}")
     server = config.server
     lines.append(
         f"server: http://{server.host}:{server.port}  api_keys={len(server.api_keys)}"

@@ -92,6 +92,13 @@ class BackendConfig:
     weight: float = field(default=1.0, metadata=_check(_non_negative))
     max_concurrent: int = field(default=0, metadata=_check(_non_negative))  # 0: no limit
     timeouts: TimeoutConfig | None = None  # overrides the global timeouts for this node
+    # Used by automatic distribution (distribution.tiers) to pick the models that fit this node.
+    gpu_memory_gb: float | None = field(default=None, metadata=_check(_non_negative))
+    # vLLM serves one model per process. To switch it, the proxy runs this argv (no shell);
+    # "{model}" in any argument is replaced by the model to serve. Example:
+    # ["sudo", "/usr/local/bin/vllm-switch", "{model}"]
+    activate_command: tuple[str, ...] = ()
+    activate_timeout: float = field(default=600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -124,12 +131,105 @@ class ModelConfig:
     alternating_roles: bool = False
     system_prompt: str = ""
     defaults: SamplingDefaults | None = None
+    # Capability routing: what this model is good at, best first (code, reasoning, chat, ...).
+    # Among models offering a capability, the one listing it earlier wins, then lower `preference`.
+    capabilities: tuple[str, ...] = ()
+    preference: int = 100
+    # Other public names (aliases or served model names) tried in order when no backend for
+    # this one can take the request.
+    fallback: tuple[str, ...] = ()
+
+
+TASK_TYPES = ("code_generation", "code_analysis", "reasoning", "general_chat", "planning",
+              "text_generation", "embedding")  # fmt: skip
+
+_DEFAULT_TASK_CAPABILITIES = {
+    "code_generation": "code",
+    "code_analysis": "code",
+    "reasoning": "reasoning",
+    "planning": "reasoning",
+    "general_chat": "chat",
+    "text_generation": "chat",
+    "embedding": "embedding",
+}
 
 
 @dataclass(frozen=True)
-class DiscoveryConfig:
-    # How often each backend is asked what it serves (Ollama /api/tags, OpenAI /v1/models).
-    interval: float = field(default=30.0, metadata=_check(_positive))
+class RoutingConfig:
+    # Public names that mean "pick a model for the task" rather than naming one.
+    routers: tuple[str, ...] = ("auto",)
+    # Task type (X-Task-Type header or task_type body field) -> capability models declare.
+    # Entries here add to or override the defaults below.
+    task_types: dict[str, str] = field(default_factory=dict)
+    # The general model used when no model with the needed capability can take the request,
+    # and for a router name sent without a task type.
+    default_model: str = ""
+    # Other backends tried after the first fails before sending anything to the client.
+    retries: int = field(default=2, metadata=_check(_non_negative))
+    # Seconds one request may spend across all its attempts (queueing included) before 504.
+    deadline: float = field(default=600.0, metadata=_check(_positive))
+    # Requests waiting for a slot on a backend at max_concurrent; beyond it: 429 + Retry-After.
+    queue_size: int = field(default=64, metadata=_check(_non_negative))
+    queue_timeout: float = field(default=30.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    # Seconds between active checks: a liveness probe (Ollama /api/version, vLLM /health), then
+    # the model listing (Ollama /api/tags, OpenAI /v1/models).
+    interval: float = field(default=10.0, metadata=_check(_positive))
+    # A failing backend sits out `cooldown` seconds, doubling on each repeat up to `max_cooldown`.
+    cooldown: float = field(default=5.0, metadata=_check(_positive))
+    max_cooldown: float = field(default=120.0, metadata=_check(_positive))
+    # Over this share of errors among recent requests, a backend is degraded (and gets less).
+    degraded_error_rate: float = field(default=0.2, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # deterministic: only temperature 0 or a fixed seed; always: every request; off.
+    mode: Literal["deterministic", "always", "off"] = "deterministic"
+    ttl_hours: float = field(default=24.0, metadata=_check(_positive))
+    max_entries: int = field(default=10_000, metadata=_check(_positive))  # in SQLite, LRU beyond it
+    memory_entries: int = field(default=1_000, metadata=_check(_non_negative))  # hot entries in RAM
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    enabled: bool = True
+    capture_bodies: bool = False
+    max_body_bytes: int = field(default=65_536, metadata=_check(_positive))
+    retention_days: float = field(default=30.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PullConfig:
+    max_parallel: int = field(default=10, metadata=_check(_positive))  # pulls at once across nodes
+    attempts: int = field(default=3, metadata=_check(_positive))
+    backoff: float = field(default=5.0, metadata=_check(_non_negative))  # seconds, doubled per retry
+    # Scheduled pulls (sync, auto-distribution) start only inside this local-time window,
+    # "HH:MM-HH:MM" (may wrap midnight). Empty: any time. Explicit pulls ignore it.
+    window: str = ""
+
+
+@dataclass(frozen=True)
+class Tier:
+    min_gpu_memory_gb: float = field(metadata=_check(_non_negative))
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DistributionConfig:
+    # Largest min_gpu_memory_gb not above a node's gpu_memory_gb picks its tier.
+    tiers: tuple[Tier, ...] = ()
+    baseline: tuple[str, ...] = ()  # every node holds these
+    fallback: tuple[str, ...] = ()  # and these where its tier allows
+    manifest_path: str = "./llm-proxy-manifest.json"
 
 
 @dataclass(frozen=True)
@@ -137,7 +237,13 @@ class Config:
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
-    discovery: DiscoveryConfig = DiscoveryConfig()
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    cache: CacheConfig = CacheConfig()
+    history: HistoryConfig = HistoryConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    pulls: PullConfig = PullConfig()
+    distribution: DistributionConfig = DistributionConfig()
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -149,6 +255,9 @@ class Config:
 
     def timeouts_for(self, backend: BackendConfig) -> TimeoutConfig:
         return backend.timeouts or self.timeouts
+
+    def task_capability(self, task: str) -> str | None:
+        return {**_DEFAULT_TASK_CAPABILITIES, **self.routing.task_types}.get(task)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -212,6 +321,14 @@ class _Walker:
             if value not in choices:
                 self.fail(path, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
             return value
+        if origin is dict:
+            key_tp, item_tp = typing.get_args(tp)
+            if not isinstance(value, dict):
+                self.fail(path, f"expected a mapping, got {type(value).__name__}")
+                return {}
+            return {
+                self.build(key_tp, k, f"{path}.{k}"): self.build(item_tp, v, f"{path}.{k}") for k, v in value.items()
+            }
         if origin is tuple:
             (item_tp, _) = typing.get_args(tp)
             if not isinstance(value, list):
@@ -307,6 +424,27 @@ def _check_references(config: Config, problems: list[str]) -> None:
                 problems.append(f"models[{i}].backends[{j}]: unknown backend {ref!r} (defined: {names})")
 
 
+def _check_routing(config: Config, problems: list[str]) -> None:
+    aliases = {m.name for m in config.models if m is not None}
+    for name in config.routing.routers:
+        if name in aliases:
+            problems.append(f"routing.routers: {name!r} is also a model name in models:; pick one meaning for it")
+    for task, capability in config.routing.task_types.items():
+        if not capability:
+            problems.append(f"routing.task_types.{task}: must name a capability (e.g. code, reasoning, chat)")
+    h = config.health
+    if h.max_cooldown < h.cooldown:
+        problems.append(f"health.max_cooldown: must be at least health.cooldown ({h.cooldown}), got {h.max_cooldown}")
+    if config.pulls.window and not _WINDOW.fullmatch(config.pulls.window):
+        problems.append(f"pulls.window: expected HH:MM-HH:MM (e.g. 01:00-05:00), got {config.pulls.window!r}")
+    tiers = [t.min_gpu_memory_gb for t in config.distribution.tiers if t is not None]
+    if len(set(tiers)) != len(tiers):
+        problems.append("distribution.tiers: two tiers have the same min_gpu_memory_gb")
+
+
+_WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")
+
+
 def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source: str = "config") -> Config:
     """Validate plain data (as loaded from YAML) into a :class:`Config`, or raise :class:`ConfigError`."""
     walker = _Walker(os.environ if env is None else env)
@@ -314,6 +452,7 @@ def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source:
     problems = walker.problems
     if config is not None:
         _check_references(config, problems)
+        _check_routing(config, problems)
     if problems:
         raise ConfigError(problems, source)
     return config

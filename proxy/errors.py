@@ -61,6 +61,18 @@ class Unauthorized(ProxyError):
     code = "invalid_api_key"
 
 
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class ModelNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
@@ -99,6 +111,21 @@ class UnsupportedParameter(InvalidRequest):
     code = "unsupported_parameter"
 
 
+class Overloaded(ProxyError):
+    """Every backend that could answer is at ``max_concurrent`` with a full queue.
+
+    Retryable in the routing sense: another backend may have room.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+    retryable = True
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, headers={"retry-after": str(max(1, round(retry_after)))})
+
+
 # --- the backend's fault ------------------------------------------------------------------------
 
 
@@ -128,6 +155,19 @@ class BackendRejected(ProxyError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class TemplateRejected(BackendRejected):
+    """The model's chat template refused the conversation's roles (no system role, or no alternation).
+
+    The gateway adapts the conversation, retries once and remembers the model's limitation.
+    """
+
+    def __init__(self, message: str, *, system_role: bool, alternation: bool) -> None:
+        super().__init__(message, param="messages")
+        self.system_role = system_role  # the template rejected a system message
+        self.alternation = alternation  # the template requires user/assistant alternation
+        self.candidate = None  # set by the router: which backend and model refused
 
 
 # --- rendering ----------------------------------------------------------------------------------

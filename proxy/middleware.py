@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from .errors import Unauthorized, error_response
+from .errors import Forbidden, Unauthorized, error_response
 
 
 def bearer_token(scope) -> bytes | None:
@@ -43,5 +43,40 @@ class APIKeyAuth:
                     message = "Incorrect API key provided."
                 response = error_response(Unauthorized(message, headers={"www-authenticate": "Bearer"}))
                 await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class AdminAuth:
+    """``/admin`` needs a key from ``server.admin_keys``; with none configured, only loopback clients get in.
+
+    API keys never open ``/admin``: an application's key must not be able to pull
+    models or repoint aliases.
+    """
+
+    def __init__(self, app, keys: tuple[str, ...], prefix: str = "/admin") -> None:
+        self.app = app
+        self.keys = tuple(k.encode() for k in keys)
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            if self.keys:
+                allowed = key_matches(bearer_token(scope), self.keys)
+                problem = Unauthorized(
+                    "The admin API needs a key from server.admin_keys as 'Authorization: Bearer KEY'.",
+                    headers={"www-authenticate": "Bearer"},
+                )
+            else:
+                client = scope.get("client")
+                allowed = bool(client) and (client[0] in _LOOPBACK or client[0].startswith("127."))
+                problem = Forbidden(
+                    "The admin API answers only clients on this machine unless server.admin_keys is set."
+                )
+            if not allowed:
+                await error_response(problem)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

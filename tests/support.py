@@ -57,3 +57,12 @@ def wait_for(predicate, timeout: float = 3.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def reset_health(server) -> None:
+    """Forget what the proxy learned about its backends' health, so one test's failures don't steer the next."""
+    from proxy.health import BackendHealth
+
+    health = server.app.state.services.catalog.health
+    for name, old in list(health.items()):
+        health[name] = BackendHealth(name, old.weight, old.config)

@@ -109,14 +109,25 @@ def test_ollama_backend_receives_the_adapted_conversation_and_defaults(gemma_set
 
 def test_vllm_template_without_system_role_works_through_the_alias(gemma_setup):
     client, sim = gemma_setup
-    with pytest.raises(openai.BadRequestError) as info:  # the backend itself refuses system messages
-        client.chat.completions.create(model="gemma-vllm-raw", messages=CONVERSATION)
-    assert "System role not supported" in info.value.body["message"]
     reply = client.chat.completions.create(model="gemma-vllm", messages=CONVERSATION)
     assert reply.choices[0].message.content
     sent = [r for r in sim.requests if r[1] == "/v1/chat/completions"][-1][2]
     assert [m["role"] for m in sent["messages"]] == ["user", "user"]
     assert sent["messages"][0]["content"] == "Be brief.\n\nFirst"
+
+
+def test_vllm_template_error_is_learned_adapted_and_retried_once(gemma_setup):
+    client, sim = gemma_setup
+    raw = client.chat.completions.with_raw_response.create(model="gemma-vllm-raw", messages=CONVERSATION)
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-proxy-attempts"] == "2"
+    first, second = [r[2] for r in sim.requests if r[1] == "/v1/chat/completions"][-2:]
+    assert first["messages"][0]["role"] == "system"  # refused by the template ...
+    assert [m["role"] for m in second["messages"]] == ["user", "user"]  # ... then folded and accepted
+    sim.reset()
+    again = client.chat.completions.with_raw_response.create(model="gemma-vllm-raw", messages=CONVERSATION)
+    assert again.headers["x-proxy-attempts"] == "1"  # remembered: adapted from the start
+    assert [r[2]["messages"][0]["role"] for r in sim.requests if r[1] == "/v1/chat/completions"] == ["user"]
 
 
 def test_config_rejects_wrong_flag_types():

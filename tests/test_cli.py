@@ -46,7 +46,8 @@ def test_check_config_on_the_shipped_file():
     result = run_cli("check-config", "--config", "config.yaml")
     assert result.returncode == 0, result.stderr
     assert "config.yaml: OK" in result.stdout
-    assert "chat   -> llama3.1:8b  @ local-ollama" in result.stdout
+    assert "chat   -> llama3.1:8b  @ any backend that serves it  capabilities=chat,tools  fallback=small" in result.stdout
+    assert "general_chat -> chat: chat > small" in result.stdout
     assert "local-ollama  ollama  http://127.0.0.1:11434" in result.stdout
 
 

@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from proxy.sim import Behavior, SimOllama
-from tests.support import ollama_models, running_proxy, wait_for
+from tests.support import ollama_models, reset_health, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -16,8 +16,9 @@ def pair():
     with SimOllama(models=ollama_models()) as first, SimOllama(models=ollama_models()) as second:
         config = {
             "backends": [
-                {"name": "first", "kind": "ollama", "url": first.url},
-                {"name": "second", "kind": "ollama", "url": second.url},
+                # Weights this lopsided make "first" the first choice in all but a few runs in a million.
+                {"name": "first", "kind": "ollama", "url": first.url, "weight": 1_000_000},
+                {"name": "second", "kind": "ollama", "url": second.url, "weight": 1},
             ],
             "models": [{"name": "chat", "target": "llama3.1:8b"}],
         }
@@ -28,6 +29,7 @@ def pair():
 @pytest.fixture
 def client(pair):
     server, first, second = pair
+    reset_health(server)
     for sim in (first, second):
         sim.behavior = Behavior(reply="answered")
         sim.reset()

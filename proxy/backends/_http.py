@@ -88,8 +88,13 @@ class Upstream:
 
     async def get_json(self, path: str, timeout: float | None = None) -> object:
         """A small GET (tags, models, version); a non-2xx answer raises :class:`UpstreamStatus`."""
+        return await self.small("GET", path, None, timeout)
+
+    async def small(self, method: str, path: str, body: object, timeout: float | None = None) -> object:
+        """A small request with a small JSON answer (show, health, delete); non-2xx raises :class:`UpstreamStatus`."""
+        content = orjson.dumps(body) if body is not None else None
         async with self._mapped(f"requesting {path}"), asyncio.timeout(timeout or self.timeouts.connect * 2):
-            resp = await self.client.get(path)
+            resp = await self.client.request(method, path, content=content)
         if resp.status_code >= 300:
             message, body = _error_message(resp.content)
             raise UpstreamStatus(resp.status_code, message, body)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..config import BackendConfig, TimeoutConfig
+from ..translate.model_info import ModelInfo
 from ._http import Upstream
 
 
@@ -54,6 +55,12 @@ class Backend(Protocol):
     async def embeddings(self, body: dict, target: str) -> bytes: ...
 
     async def list_models(self) -> list[ServedModel]: ...
+
+    async def probe(self) -> str | None:
+        """Raise :class:`ProxyError` unless the backend is up; return its version when it tells."""
+
+    async def describe(self, model: ServedModel) -> ModelInfo:
+        """What the backend says about one of its models (template, capabilities, context)."""
 
     def model_key(self, name: str) -> str:
         """The form two names that mean the same model share (Ollama: ``llama3`` is ``llama3:latest``)."""

@@ -11,6 +11,7 @@ import orjson
 
 from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
 from ..translate import ollama_chat, ollama_text
+from ..translate.model_info import ModelInfo, from_ollama_show
 from ._http import UpstreamStatus
 from .base import HTTPBackend, Reply, ServedModel, primed
 
@@ -124,3 +125,17 @@ class OllamaBackend(HTTPBackend):
             if name:
                 models.append(ServedModel(name, _created(entry.get("modified_at")), entry))
         return models
+
+    async def probe(self) -> str | None:
+        try:
+            answer = await self.http.get_json("/api/version")
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered /api/version with {exc.status}") from None
+        return answer.get("version") if isinstance(answer, dict) else None
+
+    async def describe(self, model: ServedModel) -> ModelInfo:
+        try:
+            show = await self.http.small("POST", "/api/show", {"model": model.name})
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered /api/show with {exc.status}") from None
+        return from_ollama_show(show) if isinstance(show, dict) else ModelInfo()

@@ -9,10 +9,25 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError, TemplateRejected
+from ..translate.model_info import ModelInfo, from_openai_card
 from ..translate.passthrough import ModelRenamer, request_body
 from ._http import UpstreamStatus
 from .base import HTTPBackend, Reply, ServedModel, primed
+
+
+def _template_complaint(message: str) -> dict | None:
+    """Which role rule a Jinja chat template raised about, from the text vLLM relays.
+
+    Gemma: "System role not supported"; Mistral and Llama 2 style:
+    "Conversation roles must alternate user/assistant/user/assistant/...".
+    """
+    text = message.lower()
+    if "system role not supported" in text or "system role is not supported" in text:
+        return {"system_role": True, "alternation": False}
+    if "roles must alternate" in text:
+        return {"system_role": False, "alternation": True}
+    return None
 
 
 class OpenAIBackend(HTTPBackend):
@@ -31,6 +46,8 @@ class OpenAIBackend(HTTPBackend):
             return BackendError(f"{where} refused the proxy's credentials ({exc.status}); check its api_key")
         if exc.status in (503, 429):
             return BackendUnavailable(f"{where} is busy: {msg}")
+        if exc.status == 400 and (template := _template_complaint(msg)):
+            return TemplateRejected(f"{where}: the model's chat template refused the conversation: {msg}", **template)
         if 400 <= exc.status < 500:
             return BackendRejected(f"{where} rejected the request: {msg}", param=param if isinstance(param, str) else None)
         return BackendError(f"{where} failed ({exc.status}): {msg}")
@@ -78,3 +95,16 @@ class OpenAIBackend(HTTPBackend):
             if card.get("id"):
                 models.append(ServedModel(card["id"], int(card.get("created") or 0), card))
         return models
+
+    async def probe(self) -> str | None:
+        # vLLM and llama.cpp answer /health; other OpenAI-compatible servers only prove
+        # they are up by listing their models.
+        path = "/health" if self.config.kind == "vllm" else "/v1/models"
+        try:
+            await self.http.get_json(path)
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered {path} with {exc.status}") from None
+        return None
+
+    async def describe(self, model: ServedModel) -> ModelInfo:
+        return from_openai_card(model.details)
