@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy.sim import Behavior, ModelSpec, SimOllama
-from tests.support import ollama_models, reset_health, running_proxy, wait_for
+from tests.support import ollama_models, reset_health, running_proxy
 
 MSG = [{"role": "user", "content": "hi"}]
 
