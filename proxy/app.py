@@ -55,6 +55,13 @@ async def ready(request: Request):
     return await _gateway(request).ready()
 
 
+async def metrics(request: Request):
+    services = request.app.state.services
+    services.update_gauges()
+    body, content_type = await services.metrics.arender()
+    return Response(body, media_type=content_type)
+
+
 async def _proxy_error(request: Request, exc: ProxyError) -> Response:
     return error_response(exc)
 
@@ -75,7 +82,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        services = Services.build(config)
+        services = await Services.open(config)
         await services.start()
         app.state.services = services
         try:
@@ -91,6 +98,7 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(),
     ]
     app = Starlette(

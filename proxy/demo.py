@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 
 from .config import parse_config
 from .sim import Behavior, SimOllama, SimVLLM
@@ -34,10 +35,11 @@ Press Ctrl-C to stop.
 """
 
 
-def demo_config(ollama_url: str, vllm_url: str, host: str, port: int):
+def demo_config(ollama_url: str, vllm_url: str, host: str, port: int, storage: str = ":memory:"):
     return parse_config(
         {
             "server": {"host": host, "port": port},
+            "storage": {"path": storage},
             "backends": [
                 {"name": "sim-ollama", "kind": "ollama", "url": ollama_url},
                 {"name": "sim-vllm", "kind": "vllm", "url": vllm_url},
@@ -62,7 +64,8 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080) -> int:
     ollama = SimOllama(behavior=paced).start()
     vllm = SimVLLM(model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], behavior=paced).start()
     try:
-        config = demo_config(ollama.url, vllm.url, host, port)
+        # The demo's history and cache live in a throwaway database.
+        config = demo_config(ollama.url, vllm.url, host, port, tempfile.mkdtemp(prefix="llm-proxy-demo-") + "/demo.db")
         url = f"http://{host}:{port}"
         print(_INSTRUCTIONS.format(url=url, ollama=ollama.url, vllm=vllm.url), file=sys.stderr, flush=True)
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning", loop="uvloop", http="httptools")

@@ -7,7 +7,9 @@ answer, as JSON or as an SSE stream.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,9 +20,14 @@ from starlette.responses import JSONResponse, Response
 from . import validate
 from .adapt import adapt_request, needs_adapting
 from .backends import Stream
+from .caching import Caching
 from .catalog import Catalog
 from .config import Config, ModelConfig
-from .errors import InvalidRequest, ModelNotFound, TemplateRejected
+from .errors import ClientGone, InvalidRequest, ModelNotFound, ProxyError, TemplateRejected
+from .exchange import Exchange
+from .history import History
+from .metrics import Metrics
+from .middleware import bearer_token
 from .resolve import Candidate, Resolver, Route
 from .routing import Operation, Outcome, Router
 from .streaming import DisconnectWatch, SSEResponse, read_json
@@ -30,6 +37,9 @@ _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
     "completion": validate.completion,
     "embeddings": validate.embeddings,
 }
+
+
+_MISS = (b"x-cache", b"MISS")
 
 
 def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
@@ -59,21 +69,108 @@ class Gateway:
     catalog: Catalog
     resolver: Resolver
     router: Router
+    history: History
+    metrics: Metrics
+    caching: Caching
 
     async def generate(self, request: Request, operation: Operation) -> Response | SSEResponse:
+        exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
+        try:
+            return await self._generate(request, operation, exchange)
+        except ProxyError as exc:
+            exc.headers = {**(exc.headers or {}), "x-request-id": exchange.id}
+            exchange.close("cancelled" if isinstance(exc, ClientGone) else "error", exc.status, exc)
+            raise
+        except BaseException as exc:
+            exchange.close("cancelled" if isinstance(exc, asyncio.CancelledError) else "error", 500, "internal error")
+            raise
+
+    async def _generate(self, request: Request, operation: Operation, exchange: Exchange) -> Response | SSEResponse:
         body = await read_json(request.receive, request.scope["headers"], self.config.server.max_body_bytes)
         _VALIDATORS[operation](body)
+        exchange.started(body)
         task = _task_type(request, body)
         route = await self.resolver.resolve(body["model"], operation, body, task)
+        exchange.model = route.public
+        cache_control = request.headers.get("cache-control")
+        if operation == "embeddings":
+            return await self._embeddings(request, route, body, cache_control, exchange)
+        lookup = self.caching.lookup(operation, route, body, cache_control) if self.caching.enabled else None
+        if lookup is not None and lookup.read:
+            stored = await self.caching.get(lookup)
+            self.metrics.cache_lookup(route.public, exchange.endpoint, stored is not None)
+            if stored is not None:
+                return self._from_cache(stored, operation, route, body, exchange)
+        started = time.perf_counter()
         with DisconnectWatch(request.receive) as watch:
             outcome = await self._dispatch(route, operation, body)
+        exchange.answered(outcome, time.perf_counter() - started)
         if watch.disconnected:
+            exchange.close("cancelled", 499)
             return Response(status_code=499)  # nobody is left to read it; uvicorn drops it
-        extra = _proxy_headers(outcome)
+        headers = [*_proxy_headers(outcome), _MISS, *exchange.headers()]
+        store = lookup is not None and self.caching.storable(lookup, route, outcome)
         if isinstance(outcome.reply, Stream):
-            return SSEResponse(outcome.reply.frames, extra)
+            frames = outcome.reply.frames
+            if store:
+                frames = self.caching.storing(lookup, route, frames)  # type: ignore[arg-type]
+            return SSEResponse(exchange.counting(frames), headers, on_done=exchange.close)
+        exchange.tokens_from_body(outcome.reply)
+        if store:
+            self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
+        exchange.close("ok", 200)
         response = Response(outcome.reply, media_type="application/json")
-        response.raw_headers.extend(extra)
+        response.raw_headers.extend(headers)
+        return response
+
+    def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
+                    exchange: Exchange) -> Response | SSEResponse:  # fmt: skip
+        exchange.cache_hit()
+        exchange.record.resolved_model = route.target
+        exchange.tokens_from_body(stored)
+        headers = [(b"x-cache", b"HIT"), *exchange.headers()]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            frames = self.caching.replay_frames(stored, operation, body["model"], include_usage)
+            return SSEResponse(frames, headers, on_done=exchange.close)
+        exchange.close("ok", 200)
+        response = Response(self.caching.replay_body(stored, operation, body["model"]), media_type="application/json")
+        response.raw_headers.extend(headers)
+        return response
+
+    async def _embeddings(self, request: Request, route: Route, body: dict, cache_control: str | None,
+                          exchange: Exchange) -> Response:  # fmt: skip
+        outcomes: list[Outcome] = []
+
+        async def fetch(request_body: dict) -> tuple[bytes, Outcome]:
+            started = time.perf_counter()
+            outcome = await self._dispatch(route, "embeddings", request_body)
+            exchange.answered(outcome, time.perf_counter() - started)
+            outcomes.append(outcome)
+            return outcome.reply, outcome  # type: ignore[return-value]
+
+        with DisconnectWatch(request.receive) as watch:
+            if self.caching.enabled:
+                answer, outcome, hits = await self.caching.embeddings(route, body, cache_control, fetch)
+            else:
+                answer, outcome = await fetch(body)
+                hits = 0
+        if watch.disconnected:
+            exchange.close("cancelled", 499)
+            return Response(status_code=499)
+        if self.caching.enabled:
+            self.metrics.cache_lookup(route.public, exchange.endpoint, outcome is None)
+        headers = [*_proxy_headers(outcome)] if outcome is not None else []
+        if outcome is None:
+            exchange.cache_hit()
+            exchange.record.resolved_model = route.target
+        headers += [(b"x-cache", b"HIT" if outcome is None else b"MISS"), *exchange.headers()]
+        if hits:
+            headers.append((b"x-cache-hits", str(hits).encode()))
+        exchange.tokens_from_body(answer)
+        exchange.close("ok", 200)
+        response = Response(answer, media_type="application/json")
+        response.raw_headers.extend(headers)
         return response
 
     async def _dispatch(self, route: Route, operation: Operation, body: dict) -> Outcome:

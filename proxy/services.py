@@ -3,7 +3,8 @@
 The whole chain is wired here, in the order a request meets it, so one file
 shows how the parts fit: backends (adapters) -> health and admission per backend
 -> catalog (what each serves) -> resolver (names to candidates) -> router
-(choice and failover) -> gateway (the HTTP-facing chain). The app keeps the
+(choice and failover) -> gateway (the HTTP-facing chain), with storage, history,
+cache and metrics beside it. The app keeps the
 result on ``app.state.services``; nothing lives in module globals.
 """
 
@@ -15,12 +16,17 @@ from dataclasses import dataclass
 
 from .admission import Slots
 from .backends import Backend, make_backend
+from .cache import ResponseCache
+from .caching import Caching
 from .catalog import Catalog
 from .config import BackendConfig, Config
 from .gateway import Gateway
 from .health import BackendHealth, Monitor
+from .history import History
+from .metrics import Metrics, mark_process_dead
 from .resolve import Resolver
 from .routing import Router
+from .storage import Database
 
 log = logging.getLogger("llm_proxy")
 
@@ -31,6 +37,10 @@ _FIRST_ROUND_TIMEOUT = 15.0
 @dataclass
 class Services:
     config: Config
+    db: Database
+    history: History
+    cache: ResponseCache
+    metrics: Metrics
     catalog: Catalog
     slots: dict[str, Slots]
     resolver: Resolver
@@ -39,12 +49,18 @@ class Services:
     monitor: Monitor
 
     @classmethod
-    def build(cls, config: Config) -> Services:
+    async def open(cls, config: Config) -> Services:
+        """Open storage and build the chain; :meth:`start` then brings it to life."""
+        db = await Database.open(config.storage.path)
+        metrics = Metrics(config.metrics)
+        history = History(db, config.history)
+        cache = ResponseCache(db, config.cache, metrics=metrics)
         catalog = Catalog({}, {})
         slots: dict[str, Slots] = {}
         resolver = Resolver(config, catalog)
         router = Router(config.routing, catalog.health, slots)
-        services = cls(config, catalog, slots, resolver, router, Gateway(config, catalog, resolver, router),
+        gateway = Gateway(config, catalog, resolver, router, history, metrics, Caching(cache, config.cache))
+        services = cls(config, db, history, cache, metrics, catalog, slots, resolver, router, gateway,
                        Monitor(config.health.interval, lambda: services.check()))  # fmt: skip
         router.on_model_missing = lambda c: catalog.recheck_soon()
         for backend in config.backends:
@@ -61,9 +77,22 @@ class Services:
     async def check(self) -> None:
         """One health round: probe and list every backend, then report aliases nobody serves."""
         await self.catalog.refresh()
-        self.resolver.report_mismatches()
+        mismatched = {(m["alias"], m["target"]) for m in self.resolver.report_mismatches()}
+        for alias in self.config.models:
+            self.metrics.alias_mismatch(alias.name, alias.target, ",".join(alias.backends) or "*",
+                                        (alias.name, alias.target) in mismatched)  # fmt: skip
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        """Per-backend state, in-flight and queue gauges (also refreshed on every scrape)."""
+        for name, health in self.catalog.health.items():
+            self.metrics.backend_state(name, health.state)
+            self.metrics.set_backend_in_flight(name, health.in_flight)
+            self.metrics.set_backend_queue(name, self.slots[name].queued)
 
     async def start(self) -> None:
+        await self.history.start()
+        await self.cache.start()
         try:
             await asyncio.wait_for(self.check(), _FIRST_ROUND_TIMEOUT)
         except TimeoutError:
@@ -76,3 +105,8 @@ class Services:
     async def close(self) -> None:
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))
+        # The order matters: the cache and history flush into the database before it closes.
+        await self.cache.close()
+        await self.history.close()
+        await self.db.close()
+        mark_process_dead()

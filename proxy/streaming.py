@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 
@@ -94,13 +94,25 @@ class SSEResponse:
 
     media_type = b"text/event-stream"
 
-    def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
+                 on_done: Callable[[str, int, ProxyError | None], None] | None = None) -> None:  # fmt: skip
         self.frames = frames
         self.headers = headers
         self.status = "ok"  # ok, error or cancelled, for whoever records the request afterwards
         self.error: ProxyError | None = None
+        self.on_done = on_done  # called once with (status, 200, error) when the stream is over
 
     async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self._send(receive, send)
+        except BaseException:
+            self.status = "cancelled"  # the server gave up on the connection (shutdown, client reset)
+            raise
+        finally:
+            if self.on_done is not None:
+                self.on_done(self.status, 200, self.error)
+
+    async def _send(self, receive, send) -> None:
         await send(
             {
                 "type": "http.response.start",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 
 from proxy.app import create_app
@@ -24,13 +25,19 @@ def ollama_models() -> list[ModelSpec]:
 
 @contextlib.contextmanager
 def running_proxy(config: dict):
-    """A proxy under uvicorn on a free loopback port, serving ``config`` (a plain dict)."""
-    server = ServerThread(create_app(parse_config(config, env={})))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    """A proxy under uvicorn on a free loopback port, serving ``config`` (a plain dict).
+
+    Its SQLite file goes in a fresh temporary directory unless the config names one.
+    """
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-test-") as tmp:
+        if "path" not in config.get("storage", {}):
+            config = {**config, "storage": {**config.get("storage", {}), "path": f"{tmp}/proxy.db"}}
+        server = ServerThread(create_app(parse_config(config, env={})))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def backends_config(ollama: SimOllama, vllm: SimVLLM) -> dict:
