@@ -361,6 +361,7 @@ class ResponseCache:
 
         Other worker processes empty their memory fronts when they next poll (within about a second).
         """
+        await self.flush()  # answers still waiting to be written count as cached: delete them too
         self._drop_local(model)
         where, params = ("", ()) if model is None else (" WHERE model = ?", (model,))
         deleted = 0

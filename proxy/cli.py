@@ -81,10 +81,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["LLM_PROXY_CONFIG"] = os.path.abspath(args.config)
+        if config.metrics.enabled:
+            _multiprocess_metrics()
         uvicorn.run("proxy.app:app_from_env", factory=True, workers=args.workers, **options)
     else:
         uvicorn.run(create_app(config), **options)
     return 0
+
+
+def _multiprocess_metrics() -> None:
+    """Give the workers one fresh directory to pool their metrics in (prometheus-client multiprocess mode).
+
+    It must be set before any worker imports prometheus_client, and start without
+    the value files of a previous run, which would be counted again.
+    """
+    import glob
+    import tempfile
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

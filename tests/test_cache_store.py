@@ -311,8 +311,8 @@ def test_purge_by_model_and_all():
         cache.put("b1", "beta", b"3")
         cache.put_embeddings("alpha", {"e1": [0.5]})
         await cache.flush()
-        cache.put("a3", "alpha", b"4")  # still buffered: must not come back after the purge
-        assert await cache.purge("alpha") == 3
+        cache.put("a3", "alpha", b"4")  # still buffered: counted, deleted, and must not come back
+        assert await cache.purge("alpha") == 4
         await cache.flush()
         assert [await cache.get(k) for k in ("a1", "a2", "a3", "b1")] == [None, None, None, b"3"]
         assert await cache.get_embeddings(["e1"]) == {}
