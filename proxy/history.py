@@ -64,7 +64,7 @@ import orjson
 
 from .config import HistoryConfig
 from .storage import Database
-from .storage.background import Periodic, WriteBehind
+from .storage.background import Periodic, WriteBehind, pid_alive
 
 log = logging.getLogger("llm_proxy.history")
 
@@ -337,7 +337,7 @@ class History:
         dead = [
             iid
             for iid, host, pid, beat in instances
-            if beat < now - self._stale_after or (host == self.host and not _pid_alive(pid))
+            if beat < now - self._stale_after or (host == self.host and not pid_alive(pid))
         ]
         marked = 0
         async with self._db.transaction() as db:
@@ -444,18 +444,6 @@ class History:
 
 def _ignore(record: RequestRecord) -> None:
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
 
 
 def iso(ts: float | None) -> str | None:

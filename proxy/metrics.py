@@ -53,6 +53,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import values as _values
 
 from .config import MetricsConfig
+from .storage.background import pid_alive
 
 log = logging.getLogger("llm_proxy.metrics")
 
@@ -109,21 +110,11 @@ def sweep_dead_processes(path: str | None = None) -> list[int]:
     dead = set()
     for name in os.listdir(path):
         match = _LIVE_GAUGE_FILE.fullmatch(name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             dead.add(int(match.group(1)))
     for pid in dead:
         multiprocess.mark_process_dead(pid, path)
     return sorted(dead)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("llm_proxy.storage")
@@ -122,3 +123,16 @@ class Periodic:
                 raise
             except Exception:
                 log.exception("%s failed", self.name)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (for spotting dead sibling workers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    except OSError:
+        return False
+    return True
