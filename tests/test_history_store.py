@@ -428,7 +428,7 @@ def test_time_parsing():
 
 
 def test_pid_check_sees_this_process_alive():
-    from proxy.history import _pid_alive
+    from proxy.storage.background import pid_alive as _pid_alive
 
     assert _pid_alive(os.getpid())
     assert not _pid_alive(_dead_pid())
