@@ -134,7 +134,9 @@ def test_a_backend_that_comes_back_is_used_again_after_cooldown(proxy, client, s
         client.chat.completions.create(model="chat", messages=MSG)
         time.sleep(0.05)
     assert chats(a) > 0
-    assert _state(proxy, "a") == "degraded"  # back, but its recent errors still count against it
+    # back: "degraded" while its recent errors still count against it, or "online" if the health
+    # check took it out before any request failed there
+    assert _state(proxy, "a") in ("online", "degraded")
 
 
 def _state(proxy, name: str) -> str:

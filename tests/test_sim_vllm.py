@@ -7,12 +7,16 @@ import json
 import math
 import re
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.sim import Behavior, SimVLLM
+from proxy.sim.__main__ import main as sim_main
 from tests.support import wait_for
 
 KEY = "test-key"
@@ -22,7 +26,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 @pytest.fixture(scope="module")
 def sim():
-    with SimVLLM(model="/models/Qwen2.5-7B-Instruct", served_model_names=["qwen", "qwen-alias"], api_key=KEY) as running:
+    with SimVLLM(
+        model="/models/Qwen2.5-7B-Instruct", served_model_names=["qwen", "qwen-alias"], api_key=KEY
+    ) as running:
         yield running
 
 
@@ -67,7 +73,12 @@ def test_health_version_and_models(api):
     assert [c["id"] for c in cards["data"]] == ["qwen", "qwen-alias"]
     card = cards["data"][0]
     assert (card["object"], card["owned_by"], card["root"], card["parent"], card["max_model_len"]) == (
-        "model", "vllm", "/models/Qwen2.5-7B-Instruct", None, 32768)
+        "model",
+        "vllm",
+        "/models/Qwen2.5-7B-Instruct",
+        None,
+        32768,
+    )
     assert re.fullmatch(r"modelperm-[0-9a-f]{32}", card["permission"][0]["id"])
 
 
@@ -109,8 +120,9 @@ def test_model_may_be_omitted_but_not_unknown(api):
     assert omitted["model"] == "qwen"
     unknown = chat(api, model="foo")
     assert unknown.status_code == 404
-    assert unknown.json() == {"error": {"message": "The model `foo` does not exist.", "type": "NotFoundError",
-                                        "param": "model", "code": 404}}
+    assert unknown.json() == {
+        "error": {"message": "The model `foo` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}
+    }
 
 
 def test_validation_errors_are_nested_400(api):
@@ -160,7 +172,11 @@ def test_streamed_tool_calls_are_incremental(api, sim):
     deltas = [c["choices"][0]["delta"] for c in chunks[1:]]
     header = deltas[0]["tool_calls"][0]
     assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{32}", header["id"])
-    assert (header["index"], header["type"], header["function"]) == (0, "function", {"name": "get_weather", "arguments": ""})
+    assert (header["index"], header["type"], header["function"]) == (
+        0,
+        "function",
+        {"name": "get_weather", "arguments": ""},
+    )
     pieces = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:]]
     assert len(pieces) > 1 and all(set(d["tool_calls"][0]) == {"index", "function"} for d in deltas[1:])
     assert json.loads("".join(pieces)) == {"city": "Paris", "days": 2}
@@ -189,18 +205,29 @@ def test_max_completion_tokens_wins_over_max_tokens(api):
 
 def test_stop_strings_report_stop_reason(api):
     choice = chat(api, stop=[" two"]).json()["choices"][0]
-    assert (choice["message"]["content"], choice["finish_reason"], choice["stop_reason"]) == ("You said: one", "stop", " two")
+    assert (choice["message"]["content"], choice["finish_reason"], choice["stop_reason"]) == (
+        "You said: one",
+        "stop",
+        " two",
+    )
 
 
 def test_response_format_yields_json(api, sim):
-    assert json.loads(chat(api, response_format={"type": "json_object"}).json()["choices"][0]["message"]["content"])["ok"]
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "temp": {"type": "number"}},
-              "required": ["city", "temp"]}
+    assert json.loads(chat(api, response_format={"type": "json_object"}).json()["choices"][0]["message"]["content"])[
+        "ok"
+    ]
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "temp": {"type": "number"}},
+        "required": ["city", "temp"],
+    }
     shaped = chat(api, response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}).json()
     document = json.loads(shaped["choices"][0]["message"]["content"])
     assert isinstance(document["city"], str) and isinstance(document["temp"], float)
     sim.behavior.json_reply = {"answer": 42}
-    assert json.loads(chat(api, response_format={"type": "json_object"}).json()["choices"][0]["message"]["content"]) == {"answer": 42}
+    assert json.loads(
+        chat(api, response_format={"type": "json_object"}).json()["choices"][0]["message"]["content"]
+    ) == {"answer": 42}
 
 
 def test_reasoning_content_precedes_content(api, sim):
@@ -229,8 +256,12 @@ def test_system_role_rejected_when_template_lacks_it(api, sim):
     sim.supports_system_role = False
     refused = chat(api, messages=system)
     assert refused.status_code == 400
-    assert refused.json()["error"] == {"message": "System role not supported", "type": "BadRequestError",
-                                       "param": None, "code": 400}
+    assert refused.json()["error"] == {
+        "message": "System role not supported",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
 
 
 def test_context_length_is_enforced(api):
@@ -263,8 +294,9 @@ def test_completions_default_to_16_tokens(api, sim):
 
 
 def test_completions_stream_text_deltas(api):
-    *chunks, done = events(api.post("/v1/completions", json={"prompt": "hello", "stream": True,
-                                                              "stream_options": {"include_usage": True}}))
+    *chunks, done = events(
+        api.post("/v1/completions", json={"prompt": "hello", "stream": True, "stream_options": {"include_usage": True}})
+    )
     texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
     assert "".join(texts) == "You said: hello" and done == "[DONE]"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
@@ -395,5 +427,145 @@ def test_control_plane(api, sim):
     stats = httpx.get(f"{sim.url}/_sim/stats").json()
     assert stats == {"active": 0, "max_active": 1, "cancelled": 0, "completed": 1, "failed": 0, "requests": 1}
     method, path, body, headers = sim.requests[-1]
-    assert (method, path, body["model"], headers["authorization"]) == ("POST", "/v1/chat/completions", "qwen",
-                                                                       f"Bearer {KEY}")
+    assert (method, path, body["model"], headers["authorization"]) == (
+        "POST",
+        "/v1/chat/completions",
+        "qwen",
+        f"Bearer {KEY}",
+    )
+
+
+# --------------------------------------------------------------------------- restarting onto another model
+
+
+@pytest.fixture
+def node():
+    """A vLLM sim of its own: restarts take it down."""
+    running = SimVLLM(model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen"]).start()
+    yield running
+    running.stop()
+
+
+def refused(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=0.5)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_restart_answers_then_goes_down_and_comes_back_with_the_new_model(node):
+    port = node.port
+    answer = httpx.post(
+        f"{node.url}/_sim/restart",
+        json={"model": "meta-llama/Llama-3.1-8B-Instruct", "served_model_name": "llama", "downtime": 0.2},
+    )
+    assert answer.status_code == 202  # answered in full before the socket closed
+    assert answer.json() == {
+        "status": "restarting",
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "served_model_names": ["llama"],
+        "downtime": 0.2,
+        "outcome": "ok",
+    }
+    assert node.restarting and node.restarts == 1
+    assert wait_for(lambda: refused(node.url), timeout=1.0)  # connections refused, like a process that exited
+    assert node.wait_restarted(timeout=3.0)
+    assert node.port == port and httpx.get(f"{node.url}/health").status_code == 200
+    card = httpx.get(f"{node.url}/v1/models").json()["data"]
+    assert [(c["id"], c["root"]) for c in card] == [("llama", "meta-llama/Llama-3.1-8B-Instruct")]
+    old = httpx.post(f"{node.url}/v1/chat/completions", json={"model": "qwen", "messages": USER})
+    assert old.status_code == 404
+    assert httpx.post(f"{node.url}/v1/chat/completions", json={"model": "llama", "messages": USER}).status_code == 200
+
+
+def test_restart_outcomes_old_model_and_never(node):
+    node.restart("meta-llama/Llama-3.1-8B-Instruct", downtime=0.1, outcome="old_model")
+    assert node.wait_restarted(timeout=3.0)
+    assert [c["id"] for c in httpx.get(f"{node.url}/v1/models").json()["data"]] == ["qwen"]
+    node.restart("other/model", downtime=0, outcome="never")
+    assert wait_for(lambda: not node.restarting, timeout=2.0)
+    assert not node.wait_restarted(timeout=0.1)  # finished, but not serving
+    time.sleep(0.2)
+    assert refused(node.url)
+
+
+def test_restart_cuts_streams_in_flight(node):
+    node.behavior = Behavior(tokens_per_second=10)
+    long = [{"role": "user", "content": " ".join(["word"] * 30)}]
+    with httpx.stream(
+        "POST", f"{node.url}/v1/chat/completions", json={"model": "qwen", "messages": long, "stream": True}
+    ) as response:
+        lines = response.iter_lines()
+        next(lines)
+        node.restart(downtime=0.1)
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in lines:
+                pass
+    assert node.wait_restarted(timeout=3.0)
+    assert [c["id"] for c in httpx.get(f"{node.url}/v1/models").json()["data"]] == ["qwen"]  # a plain restart
+
+
+def test_restart_validation_and_one_at_a_time(node):
+    for body, message in (
+        ({"outcome": "maybe"}, "outcome must be one of ok, never, old_model"),
+        ({"model": ""}, "model must be a non-empty string"),
+        ({"downtime": -1}, "downtime must be a non-negative number of seconds"),
+        ({"served_model_name": [1]}, "served_model_name must be a name or a list of names"),
+        ({"colour": "red"}, "unknown restart field(s): colour"),
+    ):
+        response = httpx.post(f"{node.url}/_sim/restart", json=body)
+        assert (response.status_code, response.json()) == (400, {"error": message})
+    assert not node.restarting and node.restarts == 0
+    node.restart(downtime=0.3)
+    with pytest.raises(RuntimeError, match="already under way"):
+        node.restart(downtime=0.3)
+
+
+def test_stop_abandons_a_restart_in_its_downtime(node):
+    node.restart("meta-llama/Llama-3.1-8B-Instruct", downtime=0.2)
+    assert wait_for(lambda: refused(node.url), timeout=1.0)
+    node.stop()
+    time.sleep(0.3)
+    assert refused(node.url) and not node.restarting
+    node.start()  # and the node can still be started by hand, with the model it had
+    assert [c["id"] for c in httpx.get(f"{node.url}/v1/models").json()["data"]] == ["qwen"]
+
+
+def test_switch_command_triggers_a_restart_and_exits_at_once(node):
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy.sim",
+            "switch",
+            "--url",
+            node.url,
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "--served-model-name",
+            "llama",
+            "--downtime",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert node.restarting  # it did not wait for the node to come back
+    assert node.wait_restarted(timeout=5.0)
+    assert time.monotonic() - started >= 0.3
+    assert [c["id"] for c in httpx.get(f"{node.url}/v1/models").json()["data"]] == ["llama"]
+
+
+def test_switch_command_fails_when_the_simulator_is_unreachable(node, capsys):
+    url = node.url
+    node.stop()
+    assert sim_main(["switch", "--url", url, "some/model", "--timeout", "1"]) == 1
+    assert f"cannot reach the vLLM simulator at {url}" in capsys.readouterr().err
+    node.start()
+    assert sim_main(["switch", "--url", url, "some/model", "--downtime", "-1"]) == 1
+    assert "refused the switch (HTTP 400): downtime must be a non-negative number" in capsys.readouterr().err
+    assert not node.restarting and node.restarts == 0

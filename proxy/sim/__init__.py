@@ -9,9 +9,9 @@ thinking, failures), in process or over ``/_sim/behavior``::
         ...  # point the proxy at ollama.url and vllm.url
 """
 
-from .behavior import Behavior, ModelSpec
+from .behavior import Behavior, ModelSpec, PullBehavior
 from .ollama import SimOllama
 from .server import ServerThread
 from .vllm import SimVLLM
 
-__all__ = ["Behavior", "ModelSpec", "ServerThread", "SimOllama", "SimVLLM"]
+__all__ = ["Behavior", "ModelSpec", "PullBehavior", "ServerThread", "SimOllama", "SimVLLM"]

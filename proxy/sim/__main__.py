@@ -2,10 +2,12 @@
 
     python -m proxy.sim ollama --port 11434 --model llama3.1:8b --model nomic-embed-text
     python -m proxy.sim vllm --port 8000 --model Qwen/Qwen2.5-7B-Instruct --served-model-name qwen
+    python -m proxy.sim switch --url http://127.0.0.1:8000 Qwen/Qwen3-8B --served-model-name qwen3 --downtime 2
 
 It prints one line with its URL once it accepts connections and exits cleanly
 on SIGINT or SIGTERM, so a supervisor (systemd, an activate_command) can
-start, stop and restart it like a real node.
+start, stop and restart it like a real node. ``switch`` asks a running vLLM
+sim to restart onto another model and exits at once (see :mod:`.vllm_restart`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 from .behavior import Behavior
 from .ollama import SimOllama, guess_spec
 from .vllm import SimVLLM
+from .vllm_restart import add_switch_parser, switch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +38,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ollama = kinds.add_parser("ollama", help="Ollama native API (/api/*)")
     common(ollama, 11434)
-    ollama.add_argument("--model", action="append", default=[], metavar="NAME",
-                        help="installed model; repeat for several (default: a small built-in set)")
+    ollama.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="installed model; repeat for several (default: a small built-in set)",
+    )
 
     vllm = kinds.add_parser("vllm", help="vLLM OpenAI-compatible server (/v1/*)")
     common(vllm, 8000)
@@ -46,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     vllm.add_argument("--no-system-role", action="store_true", help="reject system messages (Gemma-style template)")
     vllm.add_argument("--max-model-len", type=int, default=32768)
     vllm.add_argument("--embedding", action="store_true", help="serve an embedding model instead of a chat model")
+    add_switch_parser(kinds)
     return parser
 
 
@@ -55,14 +64,24 @@ def build(args: argparse.Namespace) -> SimOllama | SimVLLM:
     if args.kind == "ollama":
         models = [guess_spec(name) for name in args.model] or None
         return SimOllama(models=models, behavior=behavior, host=args.host, port=args.port, **version)
-    return SimVLLM(model=args.model, served_model_names=args.served_model_name, behavior=behavior,
-                   api_key=args.api_key, supports_system_role=not args.no_system_role,
-                   max_model_len=args.max_model_len, embedding=args.embedding, host=args.host, port=args.port,
-                   **version)
+    return SimVLLM(
+        model=args.model,
+        served_model_names=args.served_model_name,
+        behavior=behavior,
+        api_key=args.api_key,
+        supports_system_role=not args.no_system_role,
+        max_model_len=args.max_model_len,
+        embedding=args.embedding,
+        host=args.host,
+        port=args.port,
+        **version,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.kind == "switch":
+        return switch(args)
     try:
         sim = build(args)
     except ValueError as exc:

@@ -59,11 +59,87 @@ class ModelSpec:
         return capability in self.capabilities
 
 
+PULL_FAILURES = frozenset({"error", "drop"})
+PULL_FAIL_MESSAGE = "max retries exceeded: unexpected EOF"
+
+
+@dataclass
+class PullBehavior:
+    """How ``/api/pull`` on the simulated Ollama node behaves (see :mod:`.ollama_pull`).
+
+    Fractions are of the model's total bytes across all its layers. The
+    ``fail``/``fail_times`` countdown works like :class:`Behavior`'s: it lives on
+    the object the sim holds and is consumed by each download that starts.
+    """
+
+    bytes_per_second: float | None = None  # None: as fast as it takes a fresh pull to last `seconds`
+    seconds: float = 0.3
+    interval: float = 0.06  # Ollama reports each layer's progress on a 60 ms ticker
+    stall_at: float | None = None
+    stall_seconds: float = 0.0
+    stall_silent: bool = False  # True: no progress lines during the stall (a hung server, not a slow network)
+    fail: str | None = None  # "error": an {"error"} line; "drop": the connection is cut
+    fail_at: float = 0.5
+    fail_times: int | None = None
+    fail_message: str = PULL_FAIL_MESSAGE
+    unknown_models: list[str] = field(default_factory=list)
+    registry: list[str] | None = None  # None: every name is in the registry (except unknown_models)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        numbers = {
+            "seconds": self.seconds,
+            "interval": self.interval,
+            "fail_at": self.fail_at,
+            "stall_seconds": self.stall_seconds,
+            "bytes_per_second": self.bytes_per_second,
+            "stall_at": self.stall_at,
+        }
+        for name, value in numbers.items():
+            if value is None and name in ("bytes_per_second", "stall_at"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"pull field {name!r} must be a non-negative number, not {value!r}")
+        if self.interval <= 0 or (self.bytes_per_second is not None and self.bytes_per_second <= 0):
+            raise ValueError("pull interval and bytes_per_second must be positive")
+        for name in ("stall_at", "fail_at"):
+            value = getattr(self, name)
+            if value is not None and value > 1:
+                raise ValueError(f"pull field {name!r} is a fraction between 0 and 1, not {value!r}")
+        if self.fail is not None and self.fail not in PULL_FAILURES:
+            raise ValueError(f"unknown pull failure {self.fail!r}; expected one of {sorted(PULL_FAILURES)}")
+        if self.fail_times is not None and (isinstance(self.fail_times, bool) or not isinstance(self.fail_times, int)):
+            raise TypeError(f"pull field 'fail_times' cannot be {self.fail_times!r}")
+        if not isinstance(self.stall_silent, bool) or not isinstance(self.fail_message, str):
+            raise TypeError("pull fields stall_silent and fail_message must be a bool and a string")
+        for names in (self.unknown_models, self.registry or []):
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise TypeError("pull fields unknown_models and registry must be lists of model names")
+
+    def merged(self, changes: dict[str, Any]) -> PullBehavior:
+        """A copy with ``changes`` applied (the ``"pull"`` part of ``PATCH /_sim/behavior``)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown pull field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "reply": (str,), "ttft": (int, float), "tokens_per_second": (int, float), "tool_calls": (list,),
-    "thinking": (str,), "fail": (str,), "fail_after_chunks": (int,), "fail_times": (int,), "json_reply": (dict,),
+    "reply": (str,),
+    "ttft": (int, float),
+    "tokens_per_second": (int, float),
+    "tool_calls": (list,),
+    "thinking": (str,),
+    "fail": (str,),
+    "fail_after_chunks": (int,),
+    "fail_times": (int,),
+    "json_reply": (dict,),
+    "pull": (PullBehavior,),
 }
-_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks"})  # the rest may be None
+_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks", "pull"})  # the rest may be None
 
 
 @dataclass
@@ -85,8 +161,11 @@ class Behavior:
     fail_after_chunks: int = 2
     fail_times: int | None = None
     json_reply: dict | None = None
+    pull: PullBehavior = field(default_factory=PullBehavior)
 
     def __post_init__(self) -> None:
+        if isinstance(self.pull, dict):  # PUT /_sim/behavior and Behavior(**json) pass it as a plain object
+            self.pull = PullBehavior(**self.pull)
         self.validate()
 
     def validate(self) -> None:
@@ -115,6 +194,8 @@ class Behavior:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown behavior field(s): {', '.join(unknown)}")
+        if isinstance(changes.get("pull"), dict):
+            changes = {**changes, "pull": self.pull.merged(changes["pull"])}
         candidate = dataclasses.replace(self, **changes)  # runs validate() via __post_init__
         for name in changes:
             setattr(self, name, getattr(candidate, name))
@@ -161,8 +242,29 @@ DEFAULT_THINKING = "Let me think about what the user is asking before I answer."
 
 # --------------------------------------------------------------------------- logprobs
 
-_ALTERNATIVES = (" the", " a", " and", " to", " of", ".", ",", " is", " it", " I", " you", " that", " in", " for",
-                 " on", " with", " as", " this", " be", " at", " not")
+_ALTERNATIVES = (
+    " the",
+    " a",
+    " and",
+    " to",
+    " of",
+    ".",
+    ",",
+    " is",
+    " it",
+    " I",
+    " you",
+    " that",
+    " in",
+    " for",
+    " on",
+    " with",
+    " as",
+    " this",
+    " be",
+    " at",
+    " not",
+)
 
 
 def token_logprob(token: str, top: int) -> dict[str, Any]:
@@ -312,7 +414,9 @@ def compose_reply(
     reply = Reply(prompt_tokens=prompt_tokens)
     if tools_offered and behavior.tool_calls:
         reply.thinking = split_tokens(thinking) if thinking else []
-        reply.tool_calls = [{"name": c["name"], "arguments": dict(c.get("arguments") or {})} for c in behavior.tool_calls]
+        reply.tool_calls = [
+            {"name": c["name"], "arguments": dict(c.get("arguments") or {})} for c in behavior.tool_calls
+        ]
         return reply
 
     base = behavior.reply if behavior.reply is not None else default_reply(last_user)

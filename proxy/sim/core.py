@@ -58,8 +58,13 @@ def _find_transport(send: Send) -> asyncio.BaseTransport | None:
 class SimApp(Starlette):
     """A Starlette app that buffers and records each request body before routing."""
 
-    def __init__(self, *, on_request: Callable[[Scope, Any], None],
-                 gate: Callable[[Scope], Response | None] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        on_request: Callable[[Scope, Any], None],
+        gate: Callable[[Scope], Response | None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._on_request = on_request
         self._gate = gate
@@ -179,11 +184,14 @@ class Generation:
 
     ``runner(output)`` writes the response and returns True when the reply
     finished normally, False when it failed on purpose (error or abort).
+    ``counted=False`` keeps it out of the generation counters (a model pull
+    keeps its own) while still cutting it when the server stops.
     """
 
-    def __init__(self, sim: SimBase, runner: Runner) -> None:
+    def __init__(self, sim: SimBase, runner: Runner, *, counted: bool = True) -> None:
         self._sim = sim
         self._runner = runner
+        self.counted = counted
         self._task: asyncio.Task | None = None
         self._output: Output | None = None
 
@@ -251,8 +259,12 @@ class SimBase:
         self._completed = 0
         self._failed = 0
         self._live: dict[Generation, asyncio.AbstractEventLoop] = {}
-        self.app = SimApp(routes=self._routes() + self._control_routes(), on_request=self._record,
-                          gate=self._gate, exception_handlers=self._exception_handlers())
+        self.app = SimApp(
+            routes=self._routes() + self._control_routes(),
+            on_request=self._record,
+            gate=self._gate,
+            exception_handlers=self._exception_handlers(),
+        )
         self._server = ServerThread(self.app, host, port, timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
 
     # ----------------------------------------------------------- subclass hooks
@@ -342,8 +354,14 @@ class SimBase:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"active": self._active, "max_active": self._max_active, "cancelled": self._cancelled,
-                    "completed": self._completed, "failed": self._failed, "requests": len(self._requests)}
+            return {
+                "active": self._active,
+                "max_active": self._max_active,
+                "cancelled": self._cancelled,
+                "completed": self._completed,
+                "failed": self._failed,
+                "requests": len(self._requests),
+            }
 
     def _record(self, scope: Scope, parsed: Any) -> None:
         if scope["path"].startswith("/_sim/"):
@@ -355,12 +373,16 @@ class SimBase:
     def _generation_started(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             self._live[generation] = loop
+            if not generation.counted:
+                return
             self._active += 1
             self._max_active = max(self._max_active, self._active)
 
     def _generation_finished(self, generation: Generation, outcome: str) -> None:
         with self._lock:
             self._live.pop(generation, None)
+            if not generation.counted:
+                return
             self._active -= 1
             if outcome == "completed":
                 self._completed += 1

@@ -4,14 +4,15 @@ Field names, defaults, status codes and error texts follow the real server
 (reference section A): streaming is on unless ``stream:false``, lines are
 NDJSON, metrics are integer nanoseconds with Go's ``omitempty`` semantics, and
 a model name without a tag means ``:latest``. Model management lives in
-:mod:`.ollama_models`, wire details in :mod:`.ollama_wire`.
+:mod:`.ollama_models`, pulls in :mod:`.ollama_pull`, the OpenAI-compatible
+``/v1`` layer in :mod:`.ollama_openai` (built on the job builders here), wire
+details in :mod:`.ollama_wire`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,7 +25,6 @@ from .behavior import (
     MID_STREAM_FAILURES,
     Behavior,
     ModelSpec,
-    Reply,
     compose_reply,
     count_prompt_tokens,
     count_words,
@@ -35,6 +35,8 @@ from .behavior import (
 )
 from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced
 from .ollama_models import OllamaModels
+from .ollama_openai import OllamaOpenAI
+from .ollama_pull import OllamaPull
 from .ollama_wire import (
     CHAT_FIELDS,
     GENERATE_FIELDS,
@@ -42,14 +44,16 @@ from .ollama_wire import (
     JSON,
     MID_STREAM_ERROR,
     NDJSON,
+    EmbedJob,
+    GenerationJob,
     default_models,
     error,
     field_error,
     full_name,
     go_kind,
     guess_spec,
-    keep_alive_or_default,
     metrics,
+    native_error,
     parse_keep_alive,
     parse_think,
     rfc3339,
@@ -60,31 +64,26 @@ from .ollama_wire import (
 __all__ = ["SimOllama", "default_models", "guess_spec"]
 
 
-@dataclass
-class _Job:
-    """Everything a generation needs, fixed when the request was accepted."""
+class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
+    """An Ollama node: ``SimOllama(models=[ModelSpec(...)]).start()``; see the package docs.
 
-    endpoint: str  # "chat" | "generate"
-    model: str  # as the client spelled it; Ollama echoes it back
-    behavior: Behavior
-    failure: str | None
-    reply: Reply
-    stream: bool
-    logprobs: bool
-    top_logprobs: int
-    context: list[int] | None  # /api/generate only, None when raw
-    started_ns: int
+    The native API is here; the OpenAI-compatible ``/v1`` layer, ``/api/pull``
+    and model management are mixed in from their own modules.
+    """
 
-
-class SimOllama(OllamaModels, SimBase):
-    """An Ollama node: ``SimOllama(models=[ModelSpec(...)]).start()``; see the package docs."""
-
-    def __init__(self, models: list[ModelSpec] | None = None, behavior: Behavior | None = None,
-                 host: str = "127.0.0.1", port: int = 0, version: str = "0.12.3") -> None:
+    def __init__(
+        self,
+        models: list[ModelSpec] | None = None,
+        behavior: Behavior | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        version: str = "0.12.3",
+    ) -> None:
         self.models: list[ModelSpec] = list(models) if models is not None else default_models()
         self.version = version
         self._loaded: dict[str, float] = {}  # canonical name -> expiry (epoch seconds)
         self._modified: dict[str, int] = {}  # canonical name -> modified_at (epoch ns)
+        self._init_pulls()
         super().__init__(behavior, host, port)
 
     # ----------------------------------------------------------- routing
@@ -103,13 +102,22 @@ class SimOllama(OllamaModels, SimBase):
             Route("/api/pull", self._pull, methods=["POST"]),
             Route("/api/delete", self._delete, methods=["DELETE"]),
             Route("/api/copy", self._copy, methods=["POST"]),
+            *self._openai_routes(),
         ]
 
     def _exception_handlers(self) -> dict:
         async def not_found(request: Request, exc: Exception) -> Response:
             # gin answers unknown paths and wrong methods alike with this text.
             return PlainTextResponse("404 page not found", status_code=404)
+
         return {404: not_found, 405: not_found}
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_pull_stats()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "pulls": self.pull_stats()}
 
     # ----------------------------------------------------------- simple endpoints
 
@@ -121,7 +129,9 @@ class SimOllama(OllamaModels, SimBase):
 
     # ----------------------------------------------------------- chat / generate
 
-    def _thinking(self, spec: ModelSpec, model: str, think: bool | str | None, behavior: Behavior) -> tuple[str | None, Response | None]:
+    def _thinking(
+        self, spec: ModelSpec, model: str, think: bool | str | None, behavior: Behavior
+    ) -> tuple[str | None, Response | None]:
         if spec.has("thinking"):
             enabled = True if think is None else bool(think)  # omitted means on, like Ollama
             return (behavior.thinking or DEFAULT_THINKING) if enabled else None, None
@@ -148,6 +158,13 @@ class SimOllama(OllamaModels, SimBase):
         body, failure = self._read(request, "ChatRequest")
         if failure:
             return failure
+        job = self._chat_job(body, started)
+        if isinstance(job, Response):
+            return job
+        return Generation(self, lambda out: self._run(job, out))
+
+    def _chat_job(self, body: dict, started: int) -> GenerationJob | Response:
+        """Validate a native chat body and compose its reply; a Response is an immediate answer."""
         behavior = self._snapshot()
         think, top_logprobs, invalid = self._check_generation(body, "ChatRequest", CHAT_FIELDS)
         if invalid:
@@ -165,10 +182,16 @@ class SimOllama(OllamaModels, SimBase):
         messages = body.get("messages") or []
         for message in messages:
             if not isinstance(message, dict):
-                return error(400, f"json: cannot unmarshal {go_kind(message)} into Go struct field ChatRequest.messages of type api.Message")
+                return error(
+                    400,
+                    f"json: cannot unmarshal {go_kind(message)} into Go struct field ChatRequest.messages of type api.Message",
+                )
             content = message.get("content")
             if content is not None and not isinstance(content, str):
-                return error(400, f"json: cannot unmarshal {go_kind(content)} into Go struct field Message.messages.content of type string")
+                return error(
+                    400,
+                    f"json: cannot unmarshal {go_kind(content)} into Go struct field Message.messages.content of type string",
+                )
         if not messages and keep_alive == 0:
             self._unload(spec)
             return self._control_reply("chat", model, "unload")
@@ -196,18 +219,41 @@ class SimOllama(OllamaModels, SimBase):
         texts = [m.get("content") or "" for m in messages]
         user_texts = [m.get("content") or "" for m in messages if str(m.get("role", "")).lower() == "user"]
         reply = compose_reply(
-            behavior, last_user=(user_texts or texts or [""])[-1], prompt_tokens=count_prompt_tokens(texts, len(messages)),
-            thinking=thinking, tools_offered=bool(tools), json_mode=fmt == "json",
-            json_schema=fmt if isinstance(fmt, dict) else None, max_tokens=num_predict, stop=stop)
-        job = _Job("chat", model, behavior, self._take_failure(), reply, body.get("stream") is not False,
-                   bool(body.get("logprobs")), top_logprobs, None, started)
-        return Generation(self, lambda out: self._run(job, out))
+            behavior,
+            last_user=(user_texts or texts or [""])[-1],
+            prompt_tokens=count_prompt_tokens(texts, len(messages)),
+            thinking=thinking,
+            tools_offered=bool(tools),
+            json_mode=fmt == "json",
+            json_schema=fmt if isinstance(fmt, dict) else None,
+            max_tokens=num_predict,
+            stop=stop,
+        )
+        return GenerationJob(
+            "chat",
+            model,
+            behavior,
+            self._take_failure(),
+            reply,
+            body.get("stream") is not False,
+            bool(body.get("logprobs")),
+            top_logprobs,
+            None,
+            started,
+        )
 
     async def _generate(self, request: Request) -> Response:
         started = time.time_ns()
         body, failure = self._read(request, "GenerateRequest")
         if failure:
             return failure
+        job = self._generate_job(body, started)
+        if isinstance(job, Response):
+            return job
+        return Generation(self, lambda out: self._run(job, out))
+
+    def _generate_job(self, body: dict, started: int) -> GenerationJob | Response:
+        """Validate a native generate body and compose its reply; a Response is an immediate answer."""
         behavior = self._snapshot()
         think, top_logprobs, invalid = self._check_generation(body, "GenerateRequest", GENERATE_FIELDS)
         if invalid:
@@ -247,13 +293,28 @@ class SimOllama(OllamaModels, SimBase):
             return error(400, 'invalid format: expected "json" or a valid JSON schema')
 
         reply = compose_reply(
-            behavior, last_user=prompt, prompt_tokens=count_prompt_tokens([system, prompt, suffix], 2 if system else 1),
-            thinking=thinking, json_mode=fmt == "json", json_schema=fmt if isinstance(fmt, dict) else None,
-            max_tokens=num_predict, stop=stop)
+            behavior,
+            last_user=prompt,
+            prompt_tokens=count_prompt_tokens([system, prompt, suffix], 2 if system else 1),
+            thinking=thinking,
+            json_mode=fmt == "json",
+            json_schema=fmt if isinstance(fmt, dict) else None,
+            max_tokens=num_predict,
+            stop=stop,
+        )
         context = None if raw else token_ids(system + " " + prompt) + token_ids(reply.text)
-        job = _Job("generate", model, behavior, self._take_failure(), reply, body.get("stream") is not False,
-                   bool(body.get("logprobs")), top_logprobs, context, started)
-        return Generation(self, lambda out: self._run(job, out))
+        return GenerationJob(
+            "generate",
+            model,
+            behavior,
+            self._take_failure(),
+            reply,
+            body.get("stream") is not False,
+            bool(body.get("logprobs")),
+            top_logprobs,
+            context,
+            started,
+        )
 
     def _control_reply(self, endpoint: str, model: str, reason: str) -> Response:
         line: dict[str, Any] = {"model": model, "created_at": rfc3339()}
@@ -264,7 +325,7 @@ class SimOllama(OllamaModels, SimBase):
         line.update(done=True, done_reason=reason)
         return ORJSONResponse(line, media_type=JSON)
 
-    def _piece(self, job: _Job, kind: str, value: Any) -> dict[str, Any]:
+    def _piece(self, job: GenerationJob, kind: str, value: Any) -> dict[str, Any]:
         line: dict[str, Any] = {"model": job.model, "created_at": rfc3339()}
         if job.endpoint == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": value if kind == "content" else ""}
@@ -285,7 +346,7 @@ class SimOllama(OllamaModels, SimBase):
             line["logprobs"] = [entry]
         return line
 
-    def _final(self, job: _Job, timings: tuple[int, int, int], logprobs: list[dict]) -> dict[str, Any]:
+    def _final(self, job: GenerationJob, timings: tuple[int, int, int], logprobs: list[dict]) -> dict[str, Any]:
         loaded_ns, first_ns, now = timings
         reply = job.reply
         line: dict[str, Any] = {"model": job.model, "created_at": rfc3339()}
@@ -304,15 +365,21 @@ class SimOllama(OllamaModels, SimBase):
         if job.context is not None:
             line["context"] = job.context
         eval_count = reply.completion_tokens
-        line.update(metrics(
-            total_duration=max(now - job.started_ns, 1), load_duration=max(loaded_ns - job.started_ns, 1),
-            prompt_eval_count=reply.prompt_tokens, prompt_eval_duration=max(first_ns - loaded_ns, 1),
-            eval_count=eval_count, eval_duration=max(now - first_ns, 1) if eval_count else 0))
+        line.update(
+            metrics(
+                total_duration=max(now - job.started_ns, 1),
+                load_duration=max(loaded_ns - job.started_ns, 1),
+                prompt_eval_count=reply.prompt_tokens,
+                prompt_eval_duration=max(first_ns - loaded_ns, 1),
+                eval_count=eval_count,
+                eval_duration=max(now - first_ns, 1) if eval_count else 0,
+            )
+        )
         if logprobs:
             line["logprobs"] = logprobs
         return line
 
-    async def _run(self, job: _Job, out: Output) -> bool:
+    async def _run(self, job: GenerationJob, out: Output) -> bool:
         if await self._fail_early(job.failure, job.model, out):
             return False
         loaded_ns = time.time_ns()
@@ -343,21 +410,25 @@ class SimOllama(OllamaModels, SimBase):
             await out.respond_json(200, final, JSON)
         return True
 
-    async def _fail_early(self, failure: str | None, model: str, out: Output) -> bool:
-        """Failures that strike before any output; True when one did."""
+    async def _fail_early(
+        self, failure: str | None, model: str, out: Output, shape: Callable[[int, str], dict] = native_error
+    ) -> bool:
+        """Failures that strike before any output; True when one did. ``shape`` renders the error body."""
         if failure == "http_500":
-            await out.respond_json(500, {"error": "llama runner process has terminated: exit status 2"}, JSON)
+            await out.respond_json(500, shape(500, "llama runner process has terminated: exit status 2"), JSON)
         elif failure == "busy":
-            await out.respond_json(503, {"error": "server busy, please try again.  maximum pending requests exceeded"}, JSON)
+            await out.respond_json(
+                503, shape(503, "server busy, please try again.  maximum pending requests exceeded"), JSON
+            )
         elif failure == "not_found":
-            await out.respond_json(404, {"error": f"model '{model}' not found"}, JSON)
+            await out.respond_json(404, shape(404, f"model '{model}' not found"), JSON)
         elif failure == "hang":
             await hang_forever()
         else:
             return False
         return True
 
-    async def _fail_mid_stream(self, job: _Job, out: Output) -> bool:
+    async def _fail_mid_stream(self, job: GenerationJob, out: Output) -> bool:
         if job.failure == "die_mid_stream":
             out.abort()
         elif out.started:  # status already 200: the error travels as one last NDJSON line
@@ -384,6 +455,12 @@ class SimOllama(OllamaModels, SimBase):
         body, failure = self._read(request, "EmbedRequest")
         if failure:
             return failure
+        job = self._embed_job(body, started)
+        if isinstance(job, Response):
+            return job
+        return Generation(self, lambda out: self._run_single(job.model, job.behavior, job.failure, out, job.build))
+
+    def _embed_job(self, body: dict, started: int) -> EmbedJob | Response:
         behavior = self._snapshot()
         raw_input = body.get("input")
         if isinstance(raw_input, str):
@@ -400,7 +477,11 @@ class SimOllama(OllamaModels, SimBase):
         spec, refusal = self._embedding_model(model)
         if refusal:
             return refusal
-        self._mark_loaded(spec, keep_alive_or_default(body.get("keep_alive")))
+        try:
+            keep_alive = parse_keep_alive(body.get("keep_alive"))
+        except ValueError as exc:
+            return error(400, str(exc))
+        self._mark_loaded(spec, keep_alive)
         if not inputs:
             return ORJSONResponse({"model": model, "embeddings": []}, media_type=JSON)
         counts = [count_words(text) + 2 for text in inputs]  # + BOS/EOS
@@ -413,12 +494,17 @@ class SimOllama(OllamaModels, SimBase):
             return l2_normalize(values[:dimensions]) if 0 < dimensions < len(values) else values
 
         def respond(loaded_ns: int) -> dict[str, Any]:
-            return {"model": model, "embeddings": [vector(t) for t in inputs],
-                    **metrics(total_duration=max(time.time_ns() - started, 1),
-                               load_duration=max(loaded_ns - started, 1), prompt_eval_count=sum(counts))}
+            return {
+                "model": model,
+                "embeddings": [vector(t) for t in inputs],
+                **metrics(
+                    total_duration=max(time.time_ns() - started, 1),
+                    load_duration=max(loaded_ns - started, 1),
+                    prompt_eval_count=sum(counts),
+                ),
+            }
 
-        failure_mode = self._take_failure()
-        return Generation(self, lambda out: self._run_single(model, behavior, failure_mode, out, respond))
+        return EmbedJob(model, behavior, self._take_failure(), respond)
 
     async def _embeddings(self, request: Request) -> Response:
         body, failure = self._read(request, "EmbeddingRequest")
@@ -428,7 +514,11 @@ class SimOllama(OllamaModels, SimBase):
         spec, refusal = self._embedding_model(body.get("model") or "")
         if refusal:
             return refusal
-        self._mark_loaded(spec, keep_alive_or_default(body.get("keep_alive")))
+        try:
+            keep_alive = parse_keep_alive(body.get("keep_alive"))
+        except ValueError as exc:
+            return error(400, str(exc))
+        self._mark_loaded(spec, keep_alive)
         prompt = body.get("prompt") or ""
         if not prompt:
             return ORJSONResponse({"embedding": []}, media_type=JSON)
@@ -439,10 +529,17 @@ class SimOllama(OllamaModels, SimBase):
         failure_mode = self._take_failure()
         return Generation(self, lambda out: self._run_single(body["model"], behavior, failure_mode, out, respond))
 
-    async def _run_single(self, model: str, behavior: Behavior, failure: str | None, out: Output,
-                          build: Callable[[int], dict[str, Any]]) -> bool:
+    async def _run_single(
+        self,
+        model: str,
+        behavior: Behavior,
+        failure: str | None,
+        out: Output,
+        build: Callable[[int], dict[str, Any]],
+        shape: Callable[[int, str], dict] = native_error,
+    ) -> bool:
         """A one-shot (non-streaming) generation: failures, then ttft, then the body."""
-        if await self._fail_early(failure, model, out):
+        if await self._fail_early(failure, model, out, shape):
             return False
         loaded_ns = time.time_ns()
         async for _ in paced([None], behavior):
@@ -451,7 +548,7 @@ class SimOllama(OllamaModels, SimBase):
             out.abort()
             return False
         if failure == "error_mid_stream":
-            await out.respond_json(500, {"error": MID_STREAM_ERROR}, JSON)
+            await out.respond_json(500, shape(500, MID_STREAM_ERROR), JSON)
             return False
         await out.respond_json(200, build(loaded_ns), JSON)
         return True

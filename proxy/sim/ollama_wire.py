@@ -12,11 +12,13 @@ import re
 import secrets
 import string
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import Response
 
-from .behavior import ModelSpec
+from .behavior import Behavior, ModelSpec, Reply
 from .core import ORJSONResponse
 
 NDJSON = "application/x-ndjson"
@@ -34,16 +36,73 @@ IMAGES_UNSUPPORTED = "this model is missing data required for image input"
 _CALL_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
+@dataclass
+class GenerationJob:
+    """Everything a chat or generate run needs, fixed when the request was accepted."""
+
+    endpoint: str  # "chat" | "generate"
+    model: str  # as the client spelled it; Ollama echoes it back
+    behavior: Behavior
+    failure: str | None
+    reply: Reply
+    stream: bool
+    logprobs: bool
+    top_logprobs: int
+    context: list[int] | None  # /api/generate only, None when raw
+    started_ns: int
+
+
+@dataclass
+class EmbedJob:
+    """An accepted /api/embed request: ``build(loaded_ns)`` makes the native response body."""
+
+    model: str
+    behavior: Behavior
+    failure: str | None
+    build: Callable[[int], dict[str, Any]]
+
+
+def native_error(status: int, message: str) -> dict[str, Any]:
+    return {"error": message}
+
+
 def default_models() -> list[ModelSpec]:
     return [
-        ModelSpec("llama3.1:8b", ("completion", "tools"), context_length=131072, family="llama",
-                  parameter_size="8.0B", size=4_920_753_328),
-        ModelSpec("qwen3:4b", ("completion", "tools", "thinking"), context_length=40960, family="qwen3",
-                  parameter_size="4.0B", size=2_497_293_931),
-        ModelSpec("gemma3:1b", ("completion", "vision"), context_length=32768, family="gemma3",
-                  parameter_size="999.89M", size=815_319_791, supports_system_role=False),
-        ModelSpec("nomic-embed-text:latest", ("embedding",), context_length=2048, family="nomic-bert",
-                  parameter_size="137M", quantization="F16", size=274_302_450, embedding_dim=768),
+        ModelSpec(
+            "llama3.1:8b",
+            ("completion", "tools"),
+            context_length=131072,
+            family="llama",
+            parameter_size="8.0B",
+            size=4_920_753_328,
+        ),
+        ModelSpec(
+            "qwen3:4b",
+            ("completion", "tools", "thinking"),
+            context_length=40960,
+            family="qwen3",
+            parameter_size="4.0B",
+            size=2_497_293_931,
+        ),
+        ModelSpec(
+            "gemma3:1b",
+            ("completion", "vision"),
+            context_length=32768,
+            family="gemma3",
+            parameter_size="999.89M",
+            size=815_319_791,
+            supports_system_role=False,
+        ),
+        ModelSpec(
+            "nomic-embed-text:latest",
+            ("embedding",),
+            context_length=2048,
+            family="nomic-bert",
+            parameter_size="137M",
+            quantization="F16",
+            size=274_302_450,
+            embedding_dim=768,
+        ),
     ]
 
 
@@ -51,11 +110,23 @@ def guess_spec(name: str) -> ModelSpec:
     """A plausible spec for a model known only by name (CLI ``--model`` and ``/api/pull``)."""
     lower = name.lower()
     if "embed" in lower or "minilm" in lower or "bge" in lower:
-        return ModelSpec(name, ("embedding",), context_length=2048, family="bert", parameter_size="137M",
-                         quantization="F16", size=274_302_450)
-    families = (("qwen3", "qwen3", ("completion", "tools", "thinking")), ("deepseek-r1", "qwen2", ("completion", "thinking")),
-                ("qwen", "qwen2", ("completion", "tools")), ("gemma", "gemma3", ("completion", "vision")),
-                ("llava", "llama", ("completion", "vision")), ("mistral", "llama", ("completion", "tools")))
+        return ModelSpec(
+            name,
+            ("embedding",),
+            context_length=2048,
+            family="bert",
+            parameter_size="137M",
+            quantization="F16",
+            size=274_302_450,
+        )
+    families = (
+        ("qwen3", "qwen3", ("completion", "tools", "thinking")),
+        ("deepseek-r1", "qwen2", ("completion", "thinking")),
+        ("qwen", "qwen2", ("completion", "tools")),
+        ("gemma", "gemma3", ("completion", "vision")),
+        ("llava", "llama", ("completion", "vision")),
+        ("mistral", "llama", ("completion", "tools")),
+    )
     for marker, family, caps in families:
         if marker in lower:
             return ModelSpec(name, caps, family=family, supports_system_role=family != "gemma3")
@@ -86,6 +157,11 @@ def full_name(name: str) -> str:
 
 def canonical_name(name: str) -> str:
     return full_name(name).lower()  # Ollama resolves names case-insensitively
+
+
+def namespace_of(name: str) -> str:
+    """The namespace part (``library`` unless given), which /v1/models reports as ``owned_by``."""
+    return _name_parts(name)[1]
 
 
 def display_name(name: str) -> str:
@@ -126,8 +202,9 @@ def field_error(body: dict, struct: str, expected: dict[str, tuple[tuple[type, .
         if value is None:
             continue
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            return (f"json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{field_name} "
-                    f"of type {go_type}")
+            return (
+                f"json: cannot unmarshal {go_kind(value)} into Go struct field {struct}.{field_name} of type {go_type}"
+            )
     return None
 
 
@@ -136,11 +213,31 @@ _BOOL = ((bool,), "bool")
 _INT = ((int,), "int")
 _OPTIONS = ((dict,), "map[string]interface {}")
 _FORMAT = ((str, dict), "string")
-CHAT_FIELDS = {"model": _STR, "messages": ((list,), "[]api.Message"), "stream": _BOOL, "options": _OPTIONS,
-                "tools": ((list,), "api.Tools"), "logprobs": _BOOL, "top_logprobs": _INT, "format": _FORMAT}
-GENERATE_FIELDS = {"model": _STR, "prompt": _STR, "suffix": _STR, "system": _STR, "template": _STR, "stream": _BOOL,
-                    "raw": _BOOL, "options": _OPTIONS, "images": ((list,), "[]api.ImageData"),
-                    "context": ((list,), "[]int"), "logprobs": _BOOL, "top_logprobs": _INT, "format": _FORMAT}
+CHAT_FIELDS = {
+    "model": _STR,
+    "messages": ((list,), "[]api.Message"),
+    "stream": _BOOL,
+    "options": _OPTIONS,
+    "tools": ((list,), "api.Tools"),
+    "logprobs": _BOOL,
+    "top_logprobs": _INT,
+    "format": _FORMAT,
+}
+GENERATE_FIELDS = {
+    "model": _STR,
+    "prompt": _STR,
+    "suffix": _STR,
+    "system": _STR,
+    "template": _STR,
+    "stream": _BOOL,
+    "raw": _BOOL,
+    "options": _OPTIONS,
+    "images": ((list,), "[]api.ImageData"),
+    "context": ((list,), "[]int"),
+    "logprobs": _BOOL,
+    "top_logprobs": _INT,
+    "format": _FORMAT,
+}
 
 
 def parse_keep_alive(value: Any) -> float | None:
@@ -193,20 +290,33 @@ def show_template(spec: ModelSpec) -> str:
     if spec.template is not None:
         return spec.template
     if not spec.supports_system_role:  # Gemma-style: no .System, system text folds into the user turn
-        return ("{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-                "{{- if or (eq .Role \"user\") (eq .Role \"system\") }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n"
-                "{{ if $last }}<start_of_turn>model\n{{ end }}{{- else if eq .Role \"assistant\" }}<start_of_turn>model\n"
-                "{{ .Content }}{{ if not $last }}<end_of_turn>\n{{ end }}{{- end }}{{- end }}")
-    tools = "{{- if .Tools }}Available tools: {{ range .Tools }}{{ . }}{{ end }}\n{{ end }}" if spec.has("tools") else ""
+        return (
+            "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+            '{{- if or (eq .Role "user") (eq .Role "system") }}<start_of_turn>user\n{{ .Content }}<end_of_turn>\n'
+            '{{ if $last }}<start_of_turn>model\n{{ end }}{{- else if eq .Role "assistant" }}<start_of_turn>model\n'
+            "{{ .Content }}{{ if not $last }}<end_of_turn>\n{{ end }}{{- end }}{{- end }}"
+        )
+    tools = (
+        "{{- if .Tools }}Available tools: {{ range .Tools }}{{ . }}{{ end }}\n{{ end }}" if spec.has("tools") else ""
+    )
     think = "{{- if .Think }}<think>{{ end }}" if spec.has("thinking") else ""
-    return ("{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}" + tools +
-            "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n" + think)
+    return (
+        "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        + tools
+        + "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n" + think
+    )
 
 
 def details(spec: ModelSpec) -> dict[str, Any]:
-    return {"parent_model": "", "format": "gguf", "family": spec.family, "families": [spec.family],
-            "parameter_size": spec.parameter_size, "quantization_level": spec.quantization}
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": spec.family,
+        "families": [spec.family],
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization,
+    }
 
 
 def metrics(**values: int) -> dict[str, int]:
@@ -216,13 +326,6 @@ def metrics(**values: int) -> dict[str, int]:
 def tool_call(index: int, call: dict) -> dict[str, Any]:
     call_id = "call_" + "".join(secrets.choice(_CALL_ID_ALPHABET) for _ in range(8))
     return {"id": call_id, "function": {"index": index, "name": call["name"], "arguments": call["arguments"]}}
-
-
-def keep_alive_or_default(value: Any) -> float:
-    try:
-        return parse_keep_alive(value)
-    except ValueError:
-        return KEEP_ALIVE_DEFAULT_S
 
 
 def layer_digest(spec: ModelSpec, layer: str) -> str:

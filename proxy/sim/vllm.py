@@ -5,6 +5,7 @@ Shapes follow vLLM ~0.10/0.11 (reference section C): non-stream bodies are
 ``exclude_unset``-style, the finish reason rides on the chunk with the last
 token, errors are the nested ``{"error": {message, type, param, code}}`` form
 with an integer code, and validation failures are 400 rather than 422.
+Rendering lives in :mod:`.vllm_render`, restarts in :mod:`.vllm_restart`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import base64
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,23 +30,18 @@ from .behavior import (
     count_prompt_tokens,
     embedding,
     l2_normalize,
-    token_logprob,
 )
-from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced, request_json
+from .core import Generation, ORJSONResponse, Output, SimBase, paced, request_json
+from .vllm_render import VLLMJob, VLLMRendering
+from .vllm_restart import Restartable
 from .vllm_wire import (
-    ARG_PIECE,
     CHAT_FIELDS,
     COMPLETION_FIELDS,
     COMPLETIONS_DEFAULT_MAX_TOKENS,
-    DONE,
-    MID_STREAM_ERROR,
-    SSE,
     check_types,
     embedding_inputs,
-    error_info,
     json_request,
     parse_prompts,
-    sse,
     stops,
     text_of,
     validation_error,
@@ -55,40 +49,23 @@ from .vllm_wire import (
 )
 
 
-@dataclass
-class _Job:
-    endpoint: str  # "chat" | "completion"
-    model: str  # echoed in responses
-    behavior: Behavior
-    failure: str | None
-    replies: list[Reply]  # one per choice
-    stream: bool
-    prompt_tokens: int = 0  # counted once per prompt, not per choice
-    include_usage: bool = False
-    continuous_usage: bool = False
-    logprobs: int | None = None  # None: off; else top-k count
-    finish_override: str | None = None  # "tool_calls" / "stop" when tools were called
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
+class SimVLLM(VLLMRendering, Restartable, SimBase):
+    """A vLLM node serving one model under one or more names; ``restart()`` switches it to another."""
 
-    def usage(self, completion_tokens: int | None = None) -> dict[str, int]:
-        done = sum(r.completion_tokens for r in self.replies) if completion_tokens is None else completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + done,
-                "completion_tokens": done}
-
-    def finish_reason(self, reply: Reply) -> str:
-        if reply.tool_calls and self.finish_override:
-            return self.finish_override
-        return reply.finish_reason
-
-
-class SimVLLM(SimBase):
-    """A vLLM node serving one model under one or more names."""
-
-    def __init__(self, model: str = "Qwen/Qwen2.5-7B-Instruct", served_model_names: list[str] | None = None,
-                 behavior: Behavior | None = None, api_key: str | None = None, supports_system_role: bool = True,
-                 max_model_len: int = 32768, embedding: bool = False, host: str = "127.0.0.1", port: int = 0,
-                 version: str = "0.11.0", embedding_dim: int = 768) -> None:
+    def __init__(
+        self,
+        model: str = "Qwen/Qwen2.5-7B-Instruct",
+        served_model_names: list[str] | None = None,
+        behavior: Behavior | None = None,
+        api_key: str | None = None,
+        supports_system_role: bool = True,
+        max_model_len: int = 32768,
+        embedding: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        version: str = "0.11.0",
+        embedding_dim: int = 768,
+    ) -> None:
         self.model = model
         self.served_model_names = list(served_model_names or [model])
         self.api_key = api_key
@@ -97,17 +74,29 @@ class SimVLLM(SimBase):
         self.embedding = embedding
         self.embedding_dim = embedding_dim
         self.version = version
+        self._init_restarts()
         super().__init__(behavior, host, port)
 
     @property
     def models(self) -> list[ModelSpec]:
         """The served names as specs (read-only view; vLLM cannot load models at runtime)."""
         caps = ("embedding",) if self.embedding else ("completion", "tools")
-        return [ModelSpec(name, caps, context_length=self.max_model_len, root=self.model,
-                          supports_system_role=self.supports_system_role, embedding_dim=self.embedding_dim)
-                for name in self.served_model_names]
+        return [
+            ModelSpec(
+                name,
+                caps,
+                context_length=self.max_model_len,
+                root=self.model,
+                supports_system_role=self.supports_system_role,
+                embedding_dim=self.embedding_dim,
+            )
+            for name in self.served_model_names
+        ]
 
     # ----------------------------------------------------------- routing
+
+    def _control_routes(self) -> list[Route]:
+        return [*super()._control_routes(), Route("/_sim/restart", self._post_restart, methods=["POST"])]
 
     def _routes(self) -> list[Route]:
         return [
@@ -125,6 +114,7 @@ class SimVLLM(SimBase):
             status = getattr(exc, "status_code", 404)
             detail = "Method Not Allowed" if status == 405 else "Not Found"
             return ORJSONResponse({"detail": detail}, status_code=status)  # FastAPI's default body
+
         return {404: http_error, 405: http_error}
 
     def _gate(self, scope: Scope) -> Response | None:
@@ -145,14 +135,34 @@ class SimVLLM(SimBase):
 
     async def _list_models(self, request: Request) -> Response:
         now = int(time.time())
-        cards = [{
-            "id": name, "object": "model", "created": now, "owned_by": "vllm", "root": self.model, "parent": None,
-            "max_model_len": self.max_model_len,
-            "permission": [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now,
-                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                            "organization": "*", "group": None, "is_blocking": False}],
-        } for name in self.served_model_names]
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": now,
+                "owned_by": "vllm",
+                "root": self.model,
+                "parent": None,
+                "max_model_len": self.max_model_len,
+                "permission": [
+                    {
+                        "id": f"modelperm-{uuid.uuid4().hex}",
+                        "object": "model_permission",
+                        "created": now,
+                        "allow_create_engine": False,
+                        "allow_sampling": True,
+                        "allow_logprobs": True,
+                        "allow_search_indices": False,
+                        "allow_view": True,
+                        "allow_fine_tuning": False,
+                        "organization": "*",
+                        "group": None,
+                        "is_blocking": False,
+                    }
+                ],
+            }
+            for name in self.served_model_names
+        ]
         return ORJSONResponse({"object": "list", "data": cards})
 
     # ----------------------------------------------------------- request checks
@@ -162,8 +172,9 @@ class SimVLLM(SimBase):
         if parse_error is not None:
             return None, validation_error("json_invalid", (0,), "JSON decode error", {})
         if not isinstance(body, dict):
-            return None, validation_error("model_attributes_type", (), "Input should be a valid dictionary or object "
-                                     "to extract fields from", body)
+            return None, validation_error(
+                "model_attributes_type", (), "Input should be a valid dictionary or object to extract fields from", body
+            )
         return body, None
 
     def _resolve_model(self, body: dict) -> tuple[str, Response | None]:
@@ -183,9 +194,12 @@ class SimVLLM(SimBase):
             return verror(400, f"n must be at least 1, got {body['n']}.")
         requested = prompt_tokens + (max_tokens or 0)
         if prompt_tokens > self.max_model_len or requested > self.max_model_len:
-            return verror(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                               f"requested {requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in "
-                               "the completion). Please reduce the length of the messages or completion.")
+            return verror(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {requested} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in "
+                "the completion). Please reduce the length of the messages or completion.",
+            )
         return None
 
     def _usage_flags(self, body: dict) -> tuple[bool, bool]:
@@ -244,17 +258,36 @@ class SimVLLM(SimBase):
         named = function.get("name") if isinstance(function, dict) else None
         if named and behavior.tool_calls:
             calls = [c for c in behavior.tool_calls if c.get("name") == named]
-            behavior.tool_calls = calls or [{"name": named, "arguments": dict(behavior.tool_calls[0].get("arguments") or {})}]
+            behavior.tool_calls = calls or [
+                {"name": named, "arguments": dict(behavior.tool_calls[0].get("arguments") or {})}
+            ]
         user_texts = [text_of(m.get("content")) for m in messages if m.get("role") == "user"]
         schema, json_mode = json_request(body)
         reply = compose_reply(
-            behavior, last_user=(user_texts or texts or [""])[-1], prompt_tokens=prompt_tokens, thinking=thinking,
-            tools_offered=bool(tools) and tool_choice != "none", json_mode=json_mode, json_schema=schema,
-            max_tokens=max_tokens, stop=stops(body))
+            behavior,
+            last_user=(user_texts or texts or [""])[-1],
+            prompt_tokens=prompt_tokens,
+            thinking=thinking,
+            tools_offered=bool(tools) and tool_choice != "none",
+            json_mode=json_mode,
+            json_schema=schema,
+            max_tokens=max_tokens,
+            stop=stops(body),
+        )
         include_usage, continuous = self._usage_flags(body)
-        job = _Job("chat", model, behavior, self._take_failure(), [reply] * (body.get("n") or 1),
-                   bool(body.get("stream")), prompt_tokens, include_usage, continuous,
-                   (top_logprobs or 0) if body.get("logprobs") else None, "stop" if named else "tool_calls")
+        job = VLLMJob(
+            "chat",
+            model,
+            behavior,
+            self._take_failure(),
+            [reply] * (body.get("n") or 1),
+            bool(body.get("stream")),
+            prompt_tokens,
+            include_usage,
+            continuous,
+            (top_logprobs or 0) if body.get("logprobs") else None,
+            "stop" if named else "tool_calls",
+        )
         runner = self._stream if job.stream else self._respond
         return Generation(self, lambda out: runner(job, out))
 
@@ -283,173 +316,31 @@ class SimVLLM(SimBase):
         for text, tokens in prompts:
             if (bad := self._sampling_checks(body, tokens, max_tokens)) is not None:
                 return bad
-            reply = compose_reply(behavior, last_user=text, prompt_tokens=tokens, json_mode=json_mode,
-                                  json_schema=schema, max_tokens=max_tokens,
-                                  stop=stops(body))
+            reply = compose_reply(
+                behavior,
+                last_user=text,
+                prompt_tokens=tokens,
+                json_mode=json_mode,
+                json_schema=schema,
+                max_tokens=max_tokens,
+                stop=stops(body),
+            )
             replies += [reply] * (body.get("n") or 1)
         include_usage, continuous = self._usage_flags(body)
-        job = _Job("completion", model, behavior, self._take_failure(), replies, bool(body.get("stream")),
-                   sum(tokens for _, tokens in prompts), include_usage, continuous, body.get("logprobs"))
+        job = VLLMJob(
+            "completion",
+            model,
+            behavior,
+            self._take_failure(),
+            replies,
+            bool(body.get("stream")),
+            sum(tokens for _, tokens in prompts),
+            include_usage,
+            continuous,
+            body.get("logprobs"),
+        )
         runner = self._stream if job.stream else self._respond
         return Generation(self, lambda out: runner(job, out))
-
-    # ----------------------------------------------------------- rendering
-
-    def _chunk(self, job: _Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if job.endpoint == "chat" else "text_completion"
-        prefix = "chatcmpl-" if job.endpoint == "chat" else "cmpl-"
-        return {"id": prefix + job.request_id, "object": obj, "created": job.created, "model": job.model,
-                "choices": choices}
-
-    def _deltas(self, job: _Job, kind: str, value: Any) -> list[tuple[dict[str, Any], Any]]:
-        """(delta, logprobs) pairs for one reply event; a tool call becomes header + argument pieces."""
-        if kind == "thinking":
-            return [({"reasoning_content": value}, None)]
-        if kind == "content":
-            logprobs = {"content": [token_logprob(value, job.logprobs)]} if job.logprobs is not None and value else None
-            return [({"content": value}, logprobs)]
-        index, call = value
-        header = {"index": index, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-                  "function": {"name": call["name"], "arguments": ""}}
-        pieces = ARG_PIECE.findall(orjson.dumps(call["arguments"]).decode())
-        return [({"tool_calls": [header]}, None)] + [
-            ({"tool_calls": [{"index": index, "function": {"arguments": p}}]}, None) for p in pieces]
-
-    def _completion_logprobs(self, tokens: list[str], top: int) -> dict[str, Any]:
-        entries = [token_logprob(t, top) for t in tokens]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return {"text_offset": offsets, "token_logprobs": [e["logprob"] for e in entries], "tokens": tokens,
-                "top_logprobs": [{alt["token"]: alt["logprob"] for alt in e["top_logprobs"]} for e in entries]}
-
-    async def _stream(self, job: _Job, out: Output) -> bool:
-        if await self._fail_early(job, out):
-            return False
-        await out.start(200, SSE)  # FastAPI's StreamingResponse sends headers before the first token
-        scripts = [list(reply.events()) for reply in job.replies]
-        steps = max((len(script) for script in scripts), default=0)
-        async for step, _last in paced(range(steps), job.behavior):
-            if job.failure in MID_STREAM_FAILURES and step >= job.behavior.fail_after_chunks:
-                return await self._fail_mid_stream(job, out)
-            frames = [self._role_chunks(job)] if step == 0 else []
-            produced = sum(min(step + 1, len(script)) for script in scripts)
-            for i, script in enumerate(scripts):
-                if step < len(script):
-                    kind, value = script[step]
-                    frames.append(self._frames(job, i, kind, value, step == len(script) - 1, produced))
-            await out.write(b"".join(frames))
-        if job.failure in MID_STREAM_FAILURES:
-            return await self._fail_mid_stream(job, out)
-        closing = [self._role_chunks(job)] if steps == 0 else []
-        for i, script in enumerate(scripts):
-            if not script:  # nothing generated for this choice: close it with an empty final delta
-                closing.append(self._frames(job, i, "content", "", True, 0))
-        if job.include_usage:
-            closing.append(sse({**self._chunk(job, []), "usage": job.usage()}))
-        await out.finish(b"".join(closing) + DONE)
-        return True
-
-    def _role_chunks(self, job: _Job) -> bytes:
-        if job.endpoint != "chat":
-            return b""
-        return b"".join(sse(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]))
-                        for i in range(len(job.replies)))
-
-    def _frames(self, job: _Job, index: int, kind: str, value: Any, final: bool, produced: int) -> bytes:
-        """SSE frames for one event of choice ``index``; ``final`` marks its last event."""
-        reply = job.replies[index]
-        if job.endpoint == "chat":
-            deltas = self._deltas(job, kind, value)
-        else:
-            logprobs = self._completion_logprobs([value], job.logprobs) if job.logprobs is not None and value else None
-            deltas = [({"text": value}, logprobs)]
-        frames = []
-        for n, (delta, logprobs) in enumerate(deltas):
-            last = final and n == len(deltas) - 1
-            if job.endpoint == "chat":
-                choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
-                                          "finish_reason": job.finish_reason(reply) if last else None}
-                if last:
-                    choice["stop_reason"] = reply.stop_reason
-            else:
-                choice = {"index": index, **delta, "logprobs": logprobs,
-                          "finish_reason": reply.finish_reason if last else None,
-                          "stop_reason": reply.stop_reason if last else None}
-            chunk = self._chunk(job, [choice])
-            if job.continuous_usage:
-                chunk["usage"] = job.usage(produced)
-            frames.append(sse(chunk))
-        return b"".join(frames)
-
-    async def _respond(self, job: _Job, out: Output) -> bool:
-        if await self._fail_early(job, out):
-            return False
-        sent = 0
-        async for _event, _last in paced(job.replies[0].events(), job.behavior):
-            if job.failure in MID_STREAM_FAILURES and sent >= job.behavior.fail_after_chunks:
-                break
-            sent += 1
-        if job.failure in MID_STREAM_FAILURES:
-            return await self._fail_mid_stream(job, out)
-        await out.respond_json(200, self._full_response(job))
-        return True
-
-    def _full_response(self, job: _Job) -> dict[str, Any]:
-        usage = {**job.usage(), "prompt_tokens_details": None}
-        if job.endpoint == "completion":
-            choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
-                        "prompt_logprobs": None,
-                        "logprobs": self._completion_logprobs(r.content, job.logprobs) if job.logprobs is not None else None}
-                       for i, r in enumerate(job.replies)]
-            return {"id": f"cmpl-{job.request_id}", "object": "text_completion", "created": job.created,
-                    "model": job.model, "choices": choices, "service_tier": None, "system_fingerprint": None,
-                    "usage": usage, "kv_transfer_params": None}
-        choices = []
-        for i, reply in enumerate(job.replies):
-            calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-                      "function": {"name": c["name"], "arguments": orjson.dumps(c["arguments"]).decode()}}
-                     for c in reply.tool_calls]
-            message = {"role": "assistant", "content": reply.text if (reply.content or not calls) else None,
-                       "refusal": None, "annotations": None, "audio": None, "function_call": None,
-                       "tool_calls": calls, "reasoning_content": reply.thinking_text or None}
-            logprobs = ({"content": [token_logprob(t, job.logprobs) for t in reply.content]}
-                        if job.logprobs is not None else None)
-            choices.append({"index": i, "message": message, "logprobs": logprobs,
-                            "finish_reason": job.finish_reason(reply), "stop_reason": reply.stop_reason})
-        return {"id": f"chatcmpl-{job.request_id}", "object": "chat.completion", "created": job.created,
-                "model": job.model, "choices": choices, "service_tier": None, "system_fingerprint": None,
-                "usage": usage, "prompt_logprobs": None, "kv_transfer_params": None}
-
-    # ----------------------------------------------------------- failures
-
-    async def _fail_early(self, job: _Job, out: Output) -> bool:
-        failure = job.failure
-        if failure == "http_500":
-            await out.respond_json(500, {"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")})
-        elif failure == "busy":
-            await out.respond_json(503, {"error": error_info(503, "The server is overloaded, please try again later.",
-                                                              "ServiceUnavailableError")})
-        elif failure == "not_found":
-            await out.respond_json(404, {"error": error_info(404, f"The model `{job.model}` does not exist.",
-                                                              "NotFoundError", "model")})
-        elif failure == "hang":
-            await hang_forever()
-        else:
-            return False
-        return True
-
-    async def _fail_mid_stream(self, job: _Job, out: Output) -> bool:
-        if job.failure == "die_mid_stream":
-            out.abort()
-        elif out.started:  # the 200 is out: the error becomes a data frame, then [DONE]
-            await out.write(sse({"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")}))
-            await out.finish(DONE)
-        else:
-            await out.respond_json(500, {"error": error_info(500, MID_STREAM_ERROR, "InternalServerError")})
-        return False
 
     # ----------------------------------------------------------- embeddings
 
@@ -471,9 +362,13 @@ class SimVLLM(SimBase):
             return validation_error("string_type", ("input",), "Input should be a valid string", body["input"])
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
-            return validation_error("literal_error", ("encoding_format",), "Input should be 'float' or 'base64'", encoding)
+            return validation_error(
+                "literal_error", ("encoding_format",), "Input should be 'float' or 'base64'", encoding
+            )
         dimensions = body.get("dimensions")
-        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+        ):
             return verror(400, "dimensions must be a positive integer")
         failure_mode = self._take_failure()
 
@@ -483,7 +378,7 @@ class SimVLLM(SimBase):
             return vector
 
         async def run(out: Output) -> bool:
-            job = _Job("embedding", model, behavior, failure_mode, [], False)
+            job = VLLMJob("embedding", model, behavior, failure_mode, [], False)
             if await self._fail_early(job, out):
                 return False
             async for _ in paced([None], behavior):
@@ -497,10 +392,22 @@ class SimVLLM(SimBase):
                     vector = l2_normalize(vector[:dimensions])
                 data.append({"index": index, "object": "embedding", "embedding": encode(vector)})
             tokens = sum(t for _, t in inputs)
-            await out.respond_json(200, {
-                "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(started), "model": model,
-                "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                                        "prompt_tokens_details": None}})
+            await out.respond_json(
+                200,
+                {
+                    "id": f"embd-{uuid.uuid4().hex}",
+                    "object": "list",
+                    "created": int(started),
+                    "model": model,
+                    "data": data,
+                    "usage": {
+                        "prompt_tokens": tokens,
+                        "total_tokens": tokens,
+                        "completion_tokens": 0,
+                        "prompt_tokens_details": None,
+                    },
+                },
+            )
             return True
 
         return Generation(self, run)

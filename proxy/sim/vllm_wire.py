@@ -58,10 +58,22 @@ _INT = ((int,), "int_type", "Input should be a valid integer")
 _BOOL = ((bool,), "bool_type", "Input should be a valid boolean")
 _NUMBER = ((int, float), "float_type", "Input should be a valid number")
 _STOP = ((str, list), "list_type", "Input should be a valid list")
-_COMMON_FIELDS = {"stream": _BOOL, "max_tokens": _INT, "n": _INT, "temperature": _NUMBER, "top_p": _NUMBER,
-                  "stop": _STOP, "seed": _INT}
-CHAT_FIELDS = {**_COMMON_FIELDS, "logprobs": _BOOL, "top_logprobs": _INT, "max_completion_tokens": _INT,
-                "tools": ((list,), "list_type", "Input should be a valid list")}
+_COMMON_FIELDS = {
+    "stream": _BOOL,
+    "max_tokens": _INT,
+    "n": _INT,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "stop": _STOP,
+    "seed": _INT,
+}
+CHAT_FIELDS = {
+    **_COMMON_FIELDS,
+    "logprobs": _BOOL,
+    "top_logprobs": _INT,
+    "max_completion_tokens": _INT,
+    "tools": ((list,), "list_type", "Input should be a valid list"),
+}
 COMPLETION_FIELDS = {**_COMMON_FIELDS, "logprobs": _INT, "echo": _BOOL}
 
 
