@@ -127,19 +127,27 @@ class Upstream:
 
     async def chunks(self, resp: httpx.Response) -> AsyncIterator[bytes]:
         """The raw body of a streamed response, each read bounded by the idle timeout."""
-        idle = self.timeouts.idle
         reader = resp.aiter_raw().__aiter__()
+        watchdog = _Watchdog(asyncio.get_running_loop(), self.timeouts.idle)
         try:
             while True:
+                watchdog.arm()
                 try:
-                    async with asyncio.timeout(idle):
-                        chunk = await reader.__anext__()
+                    chunk = await reader.__anext__()
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if watchdog.fired:
+                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                        raise self._map(TimeoutError(), "streaming the answer") from None
+                    raise
                 except (httpx.HTTPError, TimeoutError) as exc:
                     raise self._map(exc, "streaming the answer") from exc
+                finally:
+                    watchdog.disarm()
                 yield chunk
         finally:
+            watchdog.stop()
             await resp.aclose()
 
     async def lines(self, resp: httpx.Response) -> AsyncIterator[dict]:
@@ -164,3 +172,47 @@ class Upstream:
         if not isinstance(obj, dict):
             raise BackendError(f"backend {self.name!r} sent a line that is not a JSON object")
         return obj
+
+
+class _Watchdog:
+    """The idle timeout between chunks, for the price of a clock read per chunk.
+
+    ``asyncio.timeout`` around every read schedules and cancels a timer per chunk;
+    here one timer per stream wakes up at most once per ``seconds``, and cancels the
+    reading task only if it has been waiting on the same read all that time.
+    """
+
+    __slots__ = ("loop", "seconds", "task", "since", "handle", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.loop = loop
+        self.seconds = seconds
+        self.task: asyncio.Task | None = None
+        self.since = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def arm(self) -> None:
+        self.task = asyncio.current_task()
+        self.since = self.loop.time()
+        if self.handle is None:
+            self.handle = self.loop.call_at(self.since + self.seconds, self._check)
+
+    def disarm(self) -> None:
+        self.task = None
+
+    def _check(self) -> None:
+        self.handle = None
+        if self.task is None:
+            return  # not waiting on a read; the next arm() starts a timer again
+        left = self.since + self.seconds - self.loop.time()
+        if left > 0:
+            self.handle = self.loop.call_at(self.since + self.seconds, self._check)
+            return
+        self.fired = True
+        self.task.cancel()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None

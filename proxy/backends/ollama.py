@@ -72,8 +72,9 @@ class OllamaBackend(HTTPBackend):
                     raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
                 yield line
                 if line.get("done"):
+                    # Read on to the end of the body (its last bytes are already here) rather than
+                    # stop: a response read to the end lets the pool reuse the connection.
                     done = True
-                    break
         if not done:
             raise BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
 
