@@ -141,7 +141,9 @@ class Upstream:
     async def chunks(self, resp: httpx.Response) -> AsyncIterator[bytes]:
         """The raw body of a streamed response, each read bounded by the idle timeout."""
         reader = resp.aiter_raw().__aiter__()
-        watchdog = _Watchdog(asyncio.get_running_loop(), self.timeouts.idle)
+        # Every read happens in the request's task (routing reads the first chunk, the response the
+        # rest), so the task the watchdog may cancel is looked up once.
+        watchdog = _Watchdog(asyncio.get_running_loop(), self.timeouts.idle, asyncio.current_task())
         try:
             while True:
                 watchdog.arm()
@@ -151,7 +153,7 @@ class Upstream:
                     return
                 except asyncio.CancelledError:
                     if watchdog.fired:
-                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                        watchdog.reader.uncancel()  # type: ignore[union-attr]
                         raise self._map(TimeoutError(), "streaming the answer") from None
                     raise
                 except (httpx.HTTPError, TimeoutError) as exc:
@@ -195,18 +197,19 @@ class _Watchdog:
     reading task only if it has been waiting on the same read all that time.
     """
 
-    __slots__ = ("loop", "seconds", "task", "since", "handle", "fired")
+    __slots__ = ("loop", "seconds", "reader", "task", "since", "handle", "fired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, reader: asyncio.Task | None) -> None:
         self.loop = loop
         self.seconds = seconds
+        self.reader = reader
         self.task: asyncio.Task | None = None
         self.since = 0.0
         self.handle: asyncio.TimerHandle | None = None
         self.fired = False
 
     def arm(self) -> None:
-        self.task = asyncio.current_task()
+        self.task = self.reader
         self.since = self.loop.time()
         if self.handle is None:
             self.handle = self.loop.call_at(self.since + self.seconds, self._check)
