@@ -114,6 +114,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .operations.cli_sync import run_sync
+
+    config = _load(args.config)
+    _configure_logging(args.log_level)
+    return asyncio.run(run_sync(config, dry_run=args.dry_run, skip_existing=args.skip_existing,
+                                no_download=args.no_download, manifest_path=args.manifest, out=sys.stdout))  # fmt: skip
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -144,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=cmd_demo)
+
+    sync = sub.add_parser("sync", help="pull the configured baseline and fallback models onto every node, write a manifest",
+                          description="Talks to the nodes directly (no running proxy needed). See docs/deployment.md.")  # fmt: skip
+    sync.add_argument("--config", required=True)
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, pull nothing, write nothing")
+    sync.add_argument("--skip-existing", action="store_true", help="do not pull installed models again for updates")
+    sync.add_argument("--no-download", action="store_true", help="only collect what is installed, for the manifest")
+    sync.add_argument("--manifest", help="where to write the manifest (default: distribution.manifest_path)")
+    sync.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sync.set_defaults(func=cmd_sync)
     return parser
 
 

@@ -99,6 +99,13 @@ class BackendConfig:
     # ["sudo", "/usr/local/bin/vllm-switch", "{model}"]
     activate_command: tuple[str, ...] = ()
     activate_timeout: float = field(default=600.0, metadata=_check(_positive))
+    # Ollama activation preloads the new model with this keep_alive (a Go duration such as "30m",
+    # or "-1" to keep it loaded until something unloads it), so the first request is not the one
+    # that waits for the weights to load.
+    preload_keep_alive: str = "30m"
+    # Seconds to wait for requests in flight to finish once the node is drained (node removal,
+    # and before a vLLM activation restarts the process under them).
+    drain_timeout: float = field(default=30.0, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,9 @@ class PullConfig:
     # Scheduled pulls (sync, auto-distribution) start only inside this local-time window,
     # "HH:MM-HH:MM" (may wrap midnight). Empty: any time. Explicit pulls ignore it.
     window: str = ""
+    # Seconds without a progress line before a pull counts as stalled and is retried. Generous:
+    # Ollama is silent while it verifies the digest of a large blob.
+    idle_timeout: float = field(default=300.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

@@ -190,3 +190,24 @@ def sse_error_event(exc: ProxyError) -> bytes:
 def internal_error() -> ProxyError:
     # The message stays generic on purpose: an unexpected exception's text may carry secrets.
     return ProxyError("internal error in llm-proxy; see the proxy's log for details", code="internal_error")
+
+
+# --- the admin API ------------------------------------------------------------------------------
+
+
+class NotInstalled(Conflict):
+    """An activation needs a model that some of the alias's nodes do not have (and no pull was asked for).
+
+    The body's error object also lists those nodes under ``missing_nodes``, so a script can pull there.
+    """
+
+    code = "model_not_installed"
+
+    def __init__(self, message: str, missing_nodes: list[str]) -> None:
+        super().__init__(message, param="model")
+        self.missing_nodes = missing_nodes
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["missing_nodes"] = self.missing_nodes
+        return body

@@ -11,6 +11,7 @@ Choosing among the candidates of a group by health is the router's business.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -71,6 +72,27 @@ class Resolver:
     @property
     def backends(self) -> dict[str, Backend]:
         return self.catalog.backends
+
+    # --- alias targets (activation) ------------------------------------------------------------
+
+    def alias_models(self) -> list[ModelConfig]:
+        """The configured aliases, in config order, with their current targets (after any activation).
+
+        Everything that lists aliases reads this rather than the config's list, so an activated
+        alias is seen the same way by resolution, task ranking, mismatches and listings.
+        """
+        return [self.aliases[m.name] for m in self.config.models]
+
+    def set_target(self, name: str, target: str) -> ModelConfig:
+        """Repoint alias ``name`` to ``target``; returns the previous entry.
+
+        One dict assignment of a new frozen entry, so the switch is atomic for the event
+        loop: a request resolved before it keeps its Route (and the old target) to the
+        end, the next one resolves to the new target.
+        """
+        old = self.aliases[name]
+        self.aliases[name] = dataclasses.replace(old, target=target)
+        return old
 
     # --- resolution ----------------------------------------------------------------------------
 
@@ -153,7 +175,7 @@ class Resolver:
     def ranked(self, capability: str, needs: set[str]) -> list[ModelConfig]:
         """Configured models offering ``capability``, best first, minus those known to lack a need."""
         scored = []
-        for order, model in enumerate(self.config.models):
+        for order, model in enumerate(self.alias_models()):
             offered = self.capabilities(model)
             if capability not in offered:
                 continue
@@ -215,7 +237,7 @@ class Resolver:
     def alias_mismatches(self) -> list[dict]:
         """Aliases whose target no reachable backend serves, with what those backends serve instead."""
         out = []
-        for alias in self.config.models:
+        for alias in self.alias_models():
             relevant = alias.backends or tuple(self.backends)
             reachable = [n for n in relevant if n in self.catalog.views and self.catalog.views[n].reachable]
             if not reachable or any(self.catalog.served_name(n, alias.target) for n in reachable):
@@ -244,7 +266,7 @@ class Resolver:
     def public_models(self) -> list[dict]:
         """Model cards for /v1/models: aliases first, then every served name, with capabilities and backends."""
         out: dict[str, dict] = {}
-        for alias in self.config.models:
+        for alias in self.alias_models():
             served_by = [n for n in (alias.backends or self.backends) if self.catalog.served_name(n, alias.target)]
             out[alias.name] = {"id": alias.name, "object": "model", "created": 0, "owned_by": "llm-proxy",
                                "target": alias.target, "capabilities": sorted(self.capabilities(alias)),

@@ -26,7 +26,7 @@ from typing import Literal
 from .admission import Slots
 from .backends import Reply, Stream
 from .config import RoutingConfig
-from .errors import BackendTimeout, ModelNotFound, Overloaded, ProxyError, TemplateRejected
+from .errors import BackendTimeout, BackendUnavailable, ModelNotFound, Overloaded, ProxyError, TemplateRejected
 from .health import BackendHealth
 from .resolve import Candidate, Route
 
@@ -90,6 +90,11 @@ class Router:
 
     async def dispatch(self, route: Route, operation: Operation, body_for: Callable[[Candidate], dict]) -> Outcome:
         plan = self.plan(route)[: 1 + self.config.retries]
+        if not plan:  # every backend serving it is draining (being removed, or switching models)
+            raise BackendUnavailable(
+                f"every backend serving {route.public!r} is draining; try again shortly",
+                headers={"retry-after": "5"},
+            )
         failures: list[str] = []
         failure: ProxyError | None = None
         try:

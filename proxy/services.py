@@ -24,6 +24,7 @@ from .gateway import Gateway
 from .health import BackendHealth, Monitor
 from .history import History
 from .metrics import Metrics, mark_process_dead
+from .operations import Fleet
 from .resolve import Resolver
 from .routing import Router
 from .storage import Database
@@ -47,6 +48,7 @@ class Services:
     router: Router
     gateway: Gateway
     monitor: Monitor
+    fleet: Fleet | None = None  # the admin side: nodes, operations, activation (proxy/operations)
 
     @classmethod
     async def open(cls, config: Config) -> Services:
@@ -65,6 +67,7 @@ class Services:
         router.on_model_missing = lambda c: catalog.recheck_soon()
         for backend in config.backends:
             services.add_backend(backend)
+        services.fleet = Fleet(services)
         return services
 
     def add_backend(self, config: BackendConfig) -> Backend:
@@ -78,7 +81,7 @@ class Services:
         """One health round: probe and list every backend, then report aliases nobody serves."""
         await self.catalog.refresh()
         mismatched = {(m["alias"], m["target"]) for m in self.resolver.report_mismatches()}
-        for alias in self.config.models:
+        for alias in self.resolver.alias_models():
             self.metrics.alias_mismatch(alias.name, alias.target, ",".join(alias.backends) or "*",
                                         (alias.name, alias.target) in mismatched)  # fmt: skip
         self.update_gauges()
@@ -93,6 +96,8 @@ class Services:
     async def start(self) -> None:
         await self.history.start()
         await self.cache.start()
+        # Before the first round: registered nodes are probed with the others, activated aliases apply.
+        await self.fleet.start()
         try:
             await asyncio.wait_for(self.check(), _FIRST_ROUND_TIMEOUT)
         except TimeoutError:
@@ -103,6 +108,7 @@ class Services:
         self.monitor.start()
 
     async def close(self) -> None:
+        await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))
         # The order matters: the cache and history flush into the database before it closes.

@@ -55,7 +55,9 @@ def test_runner_reports_both_paths_with_the_asyncio_client(tmp_path):
         assert (scenario, "proxy - direct") in rows and (scenario, "proxy / direct") in rows
     for leg in ("direct", "proxy"):
         row = rows["streaming", leg]
-        assert int(row["chunks"]) >= 20 * int(row["requests"])  # every stream delivered its 20 tokens
+        # every stream delivered its 20 tokens; a stream straddling either edge of the recording
+        # window counts in one figure and not the other, hence the slack of two streams
+        assert abs(int(row["chunks"]) - 20 * int(row["requests"])) <= 40
         assert 0 < float(row["ttft_p50_ms"]) <= float(row["p50_ms"])
 
     page = (tmp_path / "latency-parity.md").read_text()

@@ -5,7 +5,7 @@ Access is checked by :class:`proxy.middleware.AdminAuth` before any handler runs
 
 from starlette.routing import Route
 
-from . import records, status
+from . import nodes, operations, records, status
 
 
 def routes() -> list[Route]:
@@ -16,4 +16,22 @@ def routes() -> list[Route]:
         Route("/admin/history/requests", records.list_requests, methods=["GET"]),
         Route("/admin/history/requests/{id}", records.get_request, methods=["GET"]),
         Route("/admin/cache", records.purge_cache, methods=["DELETE"]),
+        # Nodes, pulls, sync, activation (proxy/operations). The fixed /admin/models/... paths come
+        # before DELETE /admin/models/{model:path}, which would otherwise take any name.
+        Route("/admin/nodes", nodes.list_nodes, methods=["GET"]),
+        Route("/admin/nodes", nodes.register_node, methods=["POST"]),
+        Route("/admin/nodes/{name}", nodes.get_node, methods=["GET"]),
+        Route("/admin/nodes/{name}", nodes.remove_node, methods=["DELETE"]),
+        Route("/admin/nodes/{name}/drain", nodes.drain_node, methods=["POST"]),
+        Route("/admin/nodes/{name}/resume", nodes.resume_node, methods=["POST"]),
+        Route("/admin/models/matrix", nodes.model_matrix, methods=["GET"]),
+        Route("/admin/models/pull", operations.pull, methods=["POST"]),
+        Route("/admin/models/sync", operations.sync, methods=["POST"]),
+        Route("/admin/models/activate", operations.activate, methods=["POST"]),
+        Route("/admin/models/{model:path}", operations.delete_model, methods=["DELETE"]),
+        Route("/admin/operations", operations.list_operations, methods=["GET"]),
+        Route("/admin/operations/{id}", operations.get_operation, methods=["GET"]),
+        Route("/admin/operations/{id}", operations.cancel_operation, methods=["DELETE"]),
+        Route("/admin/operations/{id}/events", operations.operation_events, methods=["GET"]),
+        Route("/admin/operations/{id}/retry", operations.retry_operation, methods=["POST"]),
     ]

@@ -36,7 +36,7 @@ async def fleet_status(request: Request) -> Response:
     services: Services = request.app.state.services
     catalog, resolver = services.catalog, services.resolver
     aliases = []
-    for alias in services.config.models:
+    for alias in services.resolver.alias_models():
         served_by = [n for n in (alias.backends or catalog.backends) if n in catalog.views and catalog.served_name(n, alias.target)]
         usable = [n for n in served_by if catalog.health[n].eligible]
         aliases.append({"name": alias.name, "target": alias.target, "served_by": served_by,
@@ -89,7 +89,7 @@ def _model_entry(services: Services, public: str, target: str) -> dict:
 
 async def models(request: Request) -> Response:
     services: Services = request.app.state.services
-    entries = {a.name: _model_entry(services, a.name, a.target) for a in services.config.models}
+    entries = {a.name: _model_entry(services, a.name, a.target) for a in services.resolver.alias_models()}
     for view in services.catalog.views.values():
         for model in view.models:
             if model.name not in entries:

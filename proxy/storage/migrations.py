@@ -98,8 +98,60 @@ CREATE TABLE cache_generation (
 INSERT INTO cache_generation (id, generation) VALUES (1, 0);
 """
 
+_V2 = """
+-- Nodes registered at run time (POST /admin/nodes); nodes of the config file are not stored.
+-- spec holds the BackendConfig fields as JSON, api_key included: keep the file private.
+CREATE TABLE nodes (
+    name       TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+
+-- Admin operations (pull, delete, activate, sync) with their last known progress. Rows still
+-- queued or running whose process is gone are marked interrupted by the next one to start.
+CREATE TABLE model_operations (
+    id          TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    node        TEXT,
+    model       TEXT NOT NULL,
+    params      TEXT NOT NULL DEFAULT '{}',
+    state       TEXT NOT NULL,
+    status      TEXT NOT NULL DEFAULT '',
+    completed   INTEGER NOT NULL DEFAULT 0,
+    total       INTEGER NOT NULL DEFAULT 0,
+    fraction    REAL NOT NULL DEFAULT 0,
+    speed       REAL,
+    eta_seconds REAL,
+    error       TEXT,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    result      TEXT,
+    instance    TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    created_at  REAL NOT NULL,
+    started_at  REAL,
+    finished_at REAL
+);
+CREATE INDEX model_operations_created ON model_operations (created_at);
+CREATE INDEX model_operations_active ON model_operations (state) WHERE state IN ('queued', 'running');
+
+-- An alias repointed by POST /admin/models/activate. config_target is the alias's target in the
+-- config file at that moment: when the file says something else later, the file wins.
+CREATE TABLE alias_overrides (
+    alias         TEXT PRIMARY KEY,
+    target        TEXT NOT NULL,
+    config_target TEXT NOT NULL,
+    previous      TEXT,
+    operation_id  TEXT,
+    updated_at    REAL NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     (1, _V1),
+    (2, _V2),
 )  # fmt: skip
 
 

@@ -1,0 +1,175 @@
+"""Model pulls, deletes, sync and activation, and the operations they run as.
+
+Long work answers ``202`` with the operation(s) at once; follow them with
+``GET /admin/operations/{id}`` or the SSE stream ``/events``. What each
+operation does is in :mod:`proxy.operations`; this module only reads requests
+and shapes answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..errors import BodyTooLarge, InvalidRequest
+from ..operations.fleet import Fleet
+from ..operations.manager import check_filters
+from ..operations.model import ACTIVE
+
+HEARTBEAT = 4.5  # seconds: an event at least every 5 s, even when nothing changed
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def fleet_of(request: Request) -> Fleet:
+    return request.app.state.services.fleet
+
+
+async def read_body(request: Request, *, optional: bool = False) -> dict:
+    """The JSON object in the body; ``{}`` for an empty body when ``optional``."""
+    limit = request.app.state.services.config.server.max_body_bytes
+    raw = await request.body()
+    if len(raw) > limit:
+        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    if not raw.strip():
+        if optional:
+            return {}
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false", param=name)
+    return value
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("model is required (a non-empty string)", param="model")
+    return model.strip()
+
+
+def _listing(ops) -> dict:
+    return {"object": "list", "data": [op.as_dict() for op in ops]}
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+async def pull(request: Request) -> Response:
+    """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node."""
+    body = await read_body(request)
+    ops = fleet_of(request).pull(_model(body), body.get("nodes", "all"), force=flag(body, "force"))
+    return json_response(_listing(ops), 202)
+
+
+async def delete_model(request: Request) -> Response:
+    """DELETE /admin/models/{model} {nodes: [..] | "all", force?}: removes it, waits for the deletes."""
+    body = await read_body(request)
+    fleet = fleet_of(request)
+    ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"))
+    return json_response(_listing(ops))
+
+
+async def sync(request: Request) -> Response:
+    """POST /admin/models/sync {dry_run?, skip_existing?, no_download?, manifest_path?}."""
+    body = await read_body(request, optional=True)
+    unknown = set(body) - {"dry_run", "skip_existing", "no_download", "manifest_path"}
+    if unknown:
+        raise InvalidRequest(f"Unknown field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    path = body.get("manifest_path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise InvalidRequest("manifest_path must be a path", param="manifest_path")
+    answer = await fleet_of(request).sync(dry_run=flag(body, "dry_run"), skip_existing=flag(body, "skip_existing"),
+                                          no_download=flag(body, "no_download"), manifest_path=path)  # fmt: skip
+    return json_response(answer, 200 if answer["dry_run"] else 202)
+
+
+async def activate(request: Request) -> Response:
+    """POST /admin/models/activate {alias, model, pull?, unload_old?, served_name?} -> 202, one operation."""
+    body = await read_body(request)
+    activator = fleet_of(request).activator
+    plan = await activator.plan(body)
+    return json_response(activator.submit(plan, body).as_dict(), 202)
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+
+async def list_operations(request: Request) -> Response:
+    """GET /admin/operations?state=&node=&kind=&model=&limit= (newest first)."""
+    query = request.query_params
+    unknown = set(query) - {"state", "node", "kind", "model", "limit"}
+    if unknown:
+        raise InvalidRequest(f"Unknown filter(s): {', '.join(sorted(unknown))}; valid: state, node, kind, model, "
+                             "limit", param=sorted(unknown)[0])  # fmt: skip
+    check_filters(query.get("state"), query.get("kind"))
+    try:
+        limit = int(query.get("limit", 100))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer", param="limit") from None
+    ops = fleet_of(request).manager.list(state=query.get("state"), node=query.get("node"), kind=query.get("kind"),
+                                         model=query.get("model"), limit=min(max(limit, 1), 1000))  # fmt: skip
+    return json_response(_listing(ops))
+
+
+async def get_operation(request: Request) -> Response:
+    return json_response(fleet_of(request).manager.get(request.path_params["id"]).as_dict())
+
+
+async def cancel_operation(request: Request) -> Response:
+    """DELETE /admin/operations/{id}: cancels, and answers once it has stopped (or after a few seconds)."""
+    manager = fleet_of(request).manager
+    op = manager.cancel(request.path_params["id"])
+    try:
+        await manager.wait(op.id, timeout=5.0)
+    except TimeoutError:
+        pass
+    return json_response(op.as_dict())
+
+
+async def retry_operation(request: Request) -> Response:
+    """POST /admin/operations/{id}/retry: runs a failed, cancelled or interrupted operation again (same id)."""
+    return json_response(fleet_of(request).manager.retry(request.path_params["id"]).as_dict(), 202)
+
+
+def _frame(snapshot: dict) -> bytes:
+    return b"data: " + orjson.dumps(snapshot) + b"\n\n"
+
+
+async def operation_events(request: Request) -> Response:
+    """GET /admin/operations/{id}/events: SSE, one ``data:`` frame per change, ending with the operation."""
+    manager = fleet_of(request).manager
+    op_id = request.path_params["id"]
+    op = manager.get(op_id)
+    queue = manager.subscribe(op_id)  # before the first frame, so no change falls in between
+
+    async def frames():
+        try:
+            snapshot = op.as_dict()
+            yield _frame(snapshot)
+            while snapshot["state"] in ACTIVE:
+                try:
+                    snapshot = await asyncio.wait_for(queue.get(), HEARTBEAT)
+                except TimeoutError:
+                    snapshot = op.as_dict()
+                yield _frame(snapshot)
+        finally:
+            manager.unsubscribe(op_id, queue)
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})  # fmt: skip

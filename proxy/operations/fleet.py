@@ -1,0 +1,226 @@
+"""The admin side of the proxy, wired together: nodes, operations, alias overrides, sync and activation.
+
+Built with the other services (``services.fleet``), started before the first
+health round (so registered nodes are probed with the others, and activated
+aliases are in place before the first request), and closed first at shutdown
+(running operations end as ``interrupted`` while the history can still record
+it). The admin handlers call the methods here; each checks what it is asked and
+raises a 4xx ProxyError before anything starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..backends.ollama import normalize
+from ..config import BackendConfig
+from ..errors import Conflict, InvalidRequest
+from .activate import Activator
+from .aliases import AliasOverrides
+from .audit import Audit
+from .distribution import auto_nodes, plan_sync, tier_models
+from .manager import OperationManager
+from .model import Operation
+from .pulls import DeleteRunner, PullRunner
+from .registry import NodeRegistry
+from .store import OperationStore
+from .sync import SyncNode, SyncRunner, collect
+
+if TYPE_CHECKING:
+    from ..services import Services
+
+log = logging.getLogger("llm_proxy.fleet")
+
+_DELETE_WAIT = 30.0  # seconds a DELETE /admin/models request waits for its deletions
+
+
+class Fleet:
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        config = services.config
+        db = services.db
+        self.audit = Audit(getattr(services, "history", None))
+        self.registry = NodeRegistry(services, db)
+        self.aliases = AliasOverrides(db, services.resolver)
+        self.manager = OperationManager(config.pulls, OperationStore(db), self.audit)
+        self.activator = Activator(self)
+        self.manager.register("pull", self._after(PullRunner(self.registry, config.pulls)))
+        self.manager.register("delete", self._after(DeleteRunner(self.registry)))
+        self.manager.register("activate", self.activator)
+        self.manager.register("sync", SyncRunner(self.sync_nodes, config.distribution.manifest_path))
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await self.registry.load()
+        await self.aliases.apply()
+        await self.manager.start()
+
+    async def close(self) -> None:
+        try:
+            await self.manager.close()
+        except Exception:  # a failed last write must not stop the rest of the shutdown
+            log.exception("could not store the final state of the operations")
+        for task in list(self._background):
+            task.cancel()
+        await self.registry.close()
+
+    def _after(self, runner):
+        """A pull or delete changes what a node serves: refresh the catalog so routing knows at once."""
+
+        async def run(op: Operation, manager: OperationManager) -> None:
+            await runner(op, manager)
+            self._spawn(self.services.catalog.refresh())
+
+        return run
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- nodes ----------------------------------------------------------------------------------
+
+    def ollama_nodes(self) -> dict[str, float | None]:
+        """Ollama node name -> gpu_memory_gb."""
+        return {n: b.config.gpu_memory_gb for n, b in self.services.catalog.backends.items()
+                if b.config.kind == "ollama"}  # fmt: skip
+
+    async def register_node(self, spec: dict) -> tuple[BackendConfig, list[Operation]]:
+        config = await self.registry.register(spec)
+        self._spawn(self.services.catalog.refresh())
+        ops = []
+        if config.kind == "ollama":
+            # Automatic distribution: the node's tier models, as scheduled pulls (inside pulls.window).
+            for model in tier_models(self.services.config.distribution.tiers, config.gpu_memory_gb):
+                ops.append(self.submit_pull(config.name, model, scheduled=True))
+        self.audit.action("register_node", node=config.name, http_status=201)
+        return config, ops
+
+    async def remove_node(self, name: str, *, timeout: float | None, force: bool) -> dict:
+        self.registry.config_of(name)
+        if self.registry.source(name) == "registered":
+            for op in self.manager.list(node=name, limit=10_000):
+                if op.active:
+                    self.manager.cancel(op.id)
+        outcome = await self.registry.remove(name, timeout=timeout, force=force)
+        self.audit.action("remove_node", node=name)
+        return outcome
+
+    def drain_node(self, name: str, draining: bool) -> None:
+        self.registry.drain(name, draining)
+        self.audit.action("drain" if draining else "resume", node=name)
+
+    # --- pulls and deletes ----------------------------------------------------------------------
+
+    def submit_pull(self, node: str, model: str, *, force: bool = False, scheduled: bool = False) -> Operation:
+        """Start a pull, or hand back the one already running for this node and model."""
+        self.registry.ollama(node)  # 404 / 409 before anything is queued
+        running = self.manager.active("pull", node=node, model=model)
+        if running is not None:
+            return running
+        params = {"force": force, "scheduled": scheduled}
+        return self.manager.submit(Operation("pull", model, node, params))
+
+    def pull_targets(self, model: str, nodes) -> list[str]:
+        ollama = self.ollama_nodes()
+        if nodes == "all":
+            targets = list(ollama)
+        elif nodes == "auto":
+            targets = auto_nodes(self.services.config.distribution.tiers, ollama, model)
+            if not targets:
+                raise Conflict(f"No node's tier lists {model!r} (distribution.tiers), so \"auto\" picks no node; "
+                               "name the nodes instead", param="nodes")  # fmt: skip
+        elif isinstance(nodes, list) and nodes and all(isinstance(n, str) for n in nodes):
+            targets = list(dict.fromkeys(nodes))
+            for name in targets:
+                self.registry.ollama(name)
+        else:
+            raise InvalidRequest('nodes must be a non-empty list of node names, "all" or "auto"', param="nodes")
+        if not targets:
+            raise Conflict("There is no Ollama node to pull onto", param="nodes")
+        return targets
+
+    def pull(self, model: str, nodes, *, force: bool = False) -> list[Operation]:
+        return [self.submit_pull(n, model, force=force) for n in self.pull_targets(model, nodes)]
+
+    async def delete_model(self, model: str, nodes, *, force: bool = False) -> list[Operation]:
+        targets = list(self.ollama_nodes()) if nodes == "all" else nodes
+        if not isinstance(targets, list) or not targets or not all(isinstance(n, str) for n in targets):
+            raise InvalidRequest('nodes must be a non-empty list of node names or "all"', param="nodes")
+        for name in targets:
+            self.registry.ollama(name)
+            pulling = self.manager.active("pull", node=name, model=model)
+            if pulling is not None:
+                raise Conflict(f"{model} is being pulled on {name} (operation {pulling.id}); cancel that first",
+                               param="nodes")  # fmt: skip
+        if not force:
+            in_use = self._aliases_using(model, targets)
+            if in_use:
+                raise Conflict(f"{model} is what {'; '.join(in_use)} point(s) to; activate another model first, "
+                               'or send "force": true', param="model")  # fmt: skip
+        ops = [self.manager.submit(Operation("delete", model, name)) for name in targets]
+        for op in ops:
+            await self.manager.wait(op.id, timeout=_DELETE_WAIT)
+        return ops
+
+    def _aliases_using(self, model: str, nodes: list[str]) -> list[str]:
+        out = []
+        for alias in self.services.resolver.alias_models():
+            if normalize(alias.target) != normalize(model):
+                continue
+            on = [n for n in nodes if not alias.backends or n in alias.backends]
+            if on:
+                out.append(f"alias {alias.name} on {', '.join(on)}")
+        return out
+
+    # --- sync -----------------------------------------------------------------------------------
+
+    def sync_nodes(self) -> list[SyncNode]:
+        nodes = []
+        for name, backend in self.services.catalog.backends.items():
+            config = backend.config
+            admin = self.registry.ollama(name) if config.kind == "ollama" else None
+            nodes.append(SyncNode(name, config.kind, config.url, config.gpu_memory_gb, admin, backend))
+        return nodes
+
+    def _manifest_path(self, requested: str) -> str:
+        """A manifest path from a request: a .json file next to distribution.manifest_path, nowhere else.
+
+        An admin key must not let its holder overwrite any file the proxy can write
+        (its database lives in the same state directory)."""
+        # abspath and normpath, not resolve(): pure string work, no disk access on the event loop.
+        configured = Path(
+            os.path.normpath(os.path.abspath(os.path.expanduser(self.services.config.distribution.manifest_path)))
+        )
+        path = Path(os.path.expanduser(requested))
+        path = Path(os.path.normpath(configured.parent / path if not path.is_absolute() else path))
+        if path.parent != configured.parent or path.suffix != ".json":
+            raise InvalidRequest(f"manifest_path must be a .json file in {configured.parent} (the directory of "
+                                 "distribution.manifest_path)", param="manifest_path")  # fmt: skip
+        return str(path)
+
+    async def sync(self, *, dry_run: bool, skip_existing: bool, no_download: bool,
+                   manifest_path: str | None) -> dict:  # fmt: skip
+        states = await collect(self.sync_nodes())
+        plan = plan_sync(self.services.config.distribution, states, skip_existing=skip_existing)
+        answer = {"dry_run": dry_run, "plan": [p.as_dict() for p in plan],
+                  "nodes": [{"node": s.name, "kind": s.kind, "reachable": s.reachable, "error": s.error,
+                             "installed": sorted(m["model"] for m in s.models)} for s in states]}  # fmt: skip
+        if dry_run:
+            return answer
+        children = []
+        if not no_download:
+            for item in plan:
+                if item.action in ("pull", "update"):
+                    children.append(self.submit_pull(item.node, item.model, force=item.action == "update",
+                                                     scheduled=True).id)  # fmt: skip
+        params = {"children": children, "skip_existing": skip_existing, "no_download": no_download}
+        if manifest_path:
+            params["manifest_path"] = self._manifest_path(manifest_path)
+        op = self.manager.submit(Operation("sync", "*", None, params))
+        answer.update(operation=op.as_dict(), operations=children)
+        return answer
