@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import orjson
 
 from ..storage import Database
+from ..storage.background import pid_alive
 from .model import Operation
 
 log = logging.getLogger("llm_proxy.operations")
@@ -33,18 +34,6 @@ _UPSERT = (
     "ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in (*_COLUMNS[1:], "instance", "host", "pid"))
 )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 class OperationStore:
@@ -76,7 +65,7 @@ class OperationStore:
         dead = [
             op_id
             for op_id, host, pid, instance in rows
-            if instance != self.instance and host == self.host and (pid == self.pid or not _pid_alive(pid))
+            if instance != self.instance and host == self.host and (pid == self.pid or not pid_alive(pid))
         ]
         if dead:
             async with self.db.transaction() as db:
