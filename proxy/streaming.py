@@ -20,8 +20,8 @@ from .errors import BodyTooLarge, ClientGone, InvalidRequest, ProxyError, intern
 log = logging.getLogger("llm_proxy")
 
 
-async def read_json(receive, headers: list[tuple[bytes, bytes]], limit: int) -> dict:
-    """The request body as a JSON object, refusing more than ``limit`` bytes."""
+async def read_json(receive, headers: list[tuple[bytes, bytes]], limit: int, *, optional: bool = False) -> dict:
+    """The request body as a JSON object, refusing more than ``limit`` bytes; ``{}`` if empty and ``optional``."""
     declared = next((value for name, value in headers if name == b"content-length"), None)
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"Request body of {int(declared)} bytes is larger than the limit of {limit} bytes.")
@@ -39,6 +39,8 @@ async def read_json(receive, headers: list[tuple[bytes, bytes]], limit: int) -> 
         if not message.get("more_body", False):
             break
     raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if not raw.strip() and optional:
+        return {}
     if not raw:
         raise InvalidRequest("The request body is empty; expected a JSON object.")
     try:

@@ -14,10 +14,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..errors import BodyTooLarge, InvalidRequest
+from ..errors import InvalidRequest
 from ..operations.fleet import Fleet
 from ..operations.manager import check_filters
 from ..operations.model import ACTIVE
+from ..streaming import read_json
 
 HEARTBEAT = 4.5  # seconds: an event at least every 5 s, even when nothing changed
 
@@ -33,20 +34,7 @@ def fleet_of(request: Request) -> Fleet:
 async def read_body(request: Request, *, optional: bool = False) -> dict:
     """The JSON object in the body; ``{}`` for an empty body when ``optional``."""
     limit = request.app.state.services.config.server.max_body_bytes
-    raw = await request.body()
-    if len(raw) > limit:
-        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    if not raw.strip():
-        if optional:
-            return {}
-        raise InvalidRequest("The request body is empty; expected a JSON object.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    return body
+    return await read_json(request.receive, request.scope["headers"], limit, optional=optional)
 
 
 def flag(body: dict, name: str) -> bool:
