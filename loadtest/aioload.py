@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from loadtest.samples import Recorder
+from loadtest.samples import Recorder, round_arguments
 
 TIMEOUT = float(os.environ.get("LOAD_TIMEOUT", "60"))
 
@@ -217,15 +217,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.aioload")
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--kind", choices=["chat", "stream"], required=True)
-    parser.add_argument("--users", type=int, default=1)
-    parser.add_argument("--warmup", type=float, default=0.5)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which users start (0: at once)")
-    parser.add_argument("--out", required=True)
-    return parser.parse_args(argv)
+    return round_arguments("python -m loadtest.aioload", ["chat", "stream"], argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,21 +23,13 @@ import gevent
 from locust.env import Environment
 
 from loadtest import locustfile
-from loadtest.samples import Recorder
+from loadtest.samples import Recorder, round_arguments
 
 USER_CLASSES = {"chat": locustfile.ChatUser, "stream": locustfile.StreamingChatUser, "embed": locustfile.EmbeddingsUser}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.locust_round")
-    parser.add_argument("--host", required=True)
-    parser.add_argument("--kind", choices=sorted(USER_CLASSES), required=True)
-    parser.add_argument("--users", type=int, default=1)
-    parser.add_argument("--warmup", type=float, default=0.5)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which users start (0: at once)")
-    parser.add_argument("--out", required=True)
-    return parser.parse_args(argv)
+    return round_arguments("python -m loadtest.locust_round", sorted(USER_CLASSES), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ Only samples that end inside the recording window count; the warm-up before it
 
 from __future__ import annotations
 
+import argparse
 import resource
 import time
 from collections import Counter, defaultdict
@@ -64,3 +65,16 @@ class Recorder:
             **extra,
         }
         Path(path).write_bytes(orjson.dumps(report))
+
+
+def round_arguments(prog: str, kinds: list[str], argv: list[str] | None) -> argparse.Namespace:
+    """The command line every load generator takes, so the runner drives both the same way."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--kind", choices=kinds, required=True)
+    parser.add_argument("--users", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--ramp", type=float, default=0.0, help="seconds over which users start (0: at once)")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args(argv)
