@@ -52,7 +52,7 @@ async def health(request: Request):
 
 
 async def ready(request: Request):
-    return await _gateway(request).ready()
+    return await _gateway(request).ready(request.app.state.services.db.lost)
 
 
 async def metrics(request: Request):
@@ -110,6 +110,8 @@ def create_app(config: Config) -> Starlette:
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )
+    # A trailing slash is a different path, answered with an OpenAI-shaped 404, not a 307 to follow.
+    app.router.redirect_slashes = False
     app.state.config = config
     return app
 

@@ -85,6 +85,12 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"

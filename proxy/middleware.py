@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
-from .errors import Forbidden, Unauthorized, error_response
+from .errors import Forbidden, ProxyError, Unauthorized, UnsupportedMediaType, error_response
 
 
 def bearer_token(scope) -> bytes | None:
@@ -47,11 +48,92 @@ class APIKeyAuth:
         await self.app(scope, receive, send)
 
 
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Methods that change state: a browser sends them cross-site without a preflight when the body is
+# form-like (text/plain, form encodings), so the Origin and Fetch-Metadata headers must be checked.
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_JSON_TYPES = (b"application/json",)
+
+
+def _header(scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return value
+    return None
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a client address is this machine's loopback, compared as a parsed IP address.
+
+    A string test would let ``127.0.0.1.evil.com`` (from a forwarded header) pass as loopback.
+    """
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _host_name(host: bytes) -> str:
+    """The name part of a Host header or an origin's netloc: ``[::1]:8080`` -> ``::1``."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _local_host(host: bytes | None, scope) -> bool:
+    """A Host header naming this machine: loopback, ``localhost``, or the address the request came in on.
+
+    Without admin keys this is what stops DNS rebinding: a page served by ``evil.example`` that
+    resolves to 127.0.0.1 still sends ``Host: evil.example``.
+    """
+    if not host:
+        return False
+    name = _host_name(host)
+    if name == "localhost" or name.endswith(".localhost") or is_loopback(name):
+        return True
+    server = scope.get("server")
+    return bool(server) and name == str(server[0]).lower() and server[0] not in ("0.0.0.0", "::")
+
+
+def cross_site(scope) -> bool:
+    """A request a browser sent on behalf of another site (Fetch Metadata, else Origin against Host)."""
+    site = _header(scope, b"sec-fetch-site")
+    if site is not None and site.lower() in (b"cross-site", b"same-site"):
+        return True
+    origin = _header(scope, b"origin")
+    if origin is None:
+        return False  # not a browser's cross-origin request (curl, scripts, same-origin GET)
+    if origin.lower() == b"null":
+        return True  # sandboxed frames and file:// pages
+    netloc = origin.split(b"://", 1)[-1].rstrip(b"/").lower()
+    host = (_header(scope, b"host") or b"").lower()
+    return netloc != host
+
+
+def _has_body(scope) -> bool:
+    length = _header(scope, b"content-length")
+    if length is not None:
+        return length.strip() not in (b"", b"0")
+    return _header(scope, b"transfer-encoding") is not None
+
+
+def _json_body(scope) -> bool:
+    kind = (_header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+    return kind in _JSON_TYPES or kind.endswith(b"+json")
 
 
 class AdminAuth:
-    """``/admin`` needs a key from ``server.admin_keys``; with none configured, only loopback clients get in.
+    """Guards ``/admin``: a key from ``server.admin_keys``, or with none configured, loopback only.
+
+    Loopback-only means: the client address is a loopback address (parsed, not a prefix
+    test), and the ``Host`` header names this machine (against DNS rebinding). Whatever the
+    keys, a state-changing request a browser sends for another site is refused, and a body
+    must be JSON (``415`` otherwise), since cross-site forms and ``text/plain`` posts need no
+    CORS preflight. The dashboard calls the API from the same origin, which passes all of it.
 
     API keys never open ``/admin``: an application's key must not be able to pull
     models or repoint aliases.
@@ -62,21 +144,31 @@ class AdminAuth:
         self.keys = tuple(k.encode() for k in keys)
         self.prefix = prefix
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
-            if self.keys:
-                allowed = key_matches(bearer_token(scope), self.keys)
-                problem = Unauthorized(
+    def problem(self, scope) -> ProxyError | None:
+        if scope["method"] in _UNSAFE and cross_site(scope):
+            return Forbidden("Cross-site requests to the admin API are refused (Origin or Sec-Fetch-Site names "
+                             "another site).", code="cross_site_request")  # fmt: skip
+        if self.keys:
+            if not key_matches(bearer_token(scope), self.keys):
+                return Unauthorized(
                     "The admin API needs a key from server.admin_keys as 'Authorization: Bearer KEY'.",
                     headers={"www-authenticate": "Bearer"},
                 )
-            else:
-                client = scope.get("client")
-                allowed = bool(client) and (client[0] in _LOOPBACK or client[0].startswith("127."))
-                problem = Forbidden(
-                    "The admin API answers only clients on this machine unless server.admin_keys is set."
-                )
-            if not allowed:
+        else:
+            client = scope.get("client")
+            if not (client and is_loopback(client[0])):
+                return Forbidden("The admin API answers only clients on this machine unless server.admin_keys is set.")
+            if not _local_host(_header(scope, b"host"), scope):
+                return Forbidden("The admin API answers only requests addressed to this machine (Host: localhost or "
+                                 "a loopback address) unless server.admin_keys is set.", code="forbidden_host")  # fmt: skip
+        if _has_body(scope) and not _json_body(scope):
+            return UnsupportedMediaType("Admin request bodies must be JSON: send 'Content-Type: application/json'.")
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            problem = self.problem(scope)
+            if problem is not None:
                 await error_response(problem)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
