@@ -48,6 +48,15 @@ def _http_url(value: str) -> str | None:
     return None
 
 
+# One pattern for node names, so every name can be used in a URL path (/admin/nodes/{name}),
+# a metric label and a log line as it is.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _node_name(value: str) -> str | None:
+    return None if NODE_NAME.fullmatch(value) else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "expected a port number from 0 to 65535"
 
@@ -71,7 +80,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
+    # Relative paths are taken from the config file's directory.
     path: str = "./llm-proxy.db"
+    # The key that encrypts secrets kept in the database (registered nodes' api_key); created at
+    # first start, mode 0600. Empty: next to the database (llm-proxy.db -> llm-proxy.key).
+    key_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,7 @@ class TimeoutConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str
+    name: str = field(metadata=_check(_node_name))
     kind: BackendKind
     url: str = field(metadata=_check(_http_url))
     api_key: str = field(default="", repr=False)  # secrets never appear in a repr or a log line
@@ -478,4 +491,25 @@ def load_config(path: str | os.PathLike, env: typing.Mapping[str, str] | None = 
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
-    return parse_config(data, env, source=str(path))
+    return anchor_paths(parse_config(data, env, source=str(path)), path.parent)
+
+
+def _anchored(value: str, base: Path) -> str:
+    if value == ":memory:" or value.startswith("file:"):
+        return value
+    candidate = Path(value).expanduser()
+    return str(candidate if candidate.is_absolute() else (base / candidate).absolute())
+
+
+def anchor_paths(config: Config, base: str | os.PathLike) -> Config:
+    """File paths in the config, relative to the config file's directory rather than the current one.
+
+    Started from another directory, a relative ``storage.path`` would otherwise open an empty
+    database, and registered nodes and activations would seem gone.
+    """
+    base = Path(base)
+    key_path = _anchored(config.storage.key_path, base) if config.storage.key_path else ""
+    storage = dataclasses.replace(config.storage, path=_anchored(config.storage.path, base), key_path=key_path)
+    distribution = dataclasses.replace(config.distribution,
+                                       manifest_path=_anchored(config.distribution.manifest_path, base))  # fmt: skip
+    return dataclasses.replace(config, storage=storage, distribution=distribution)

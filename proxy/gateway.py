@@ -226,12 +226,15 @@ class Gateway:
                 break
         raise ModelNotFound(f"The model {model_id!r} does not exist", param="model")
 
-    async def ready(self) -> JSONResponse:
+    async def ready(self, storage_problem: str | None = None) -> JSONResponse:
+        """200 when a backend answers and the database is the one opened; 503 with the reasons otherwise."""
         if not self.catalog.any_reachable():
             await self.catalog.refresh_if_stale()
         states = {
             name: {"reachable": bool(view.reachable), "models": len(view.models), "error": view.error}
             for name, view in self.catalog.views.items()
         }
-        ok = self.catalog.any_reachable()
-        return JSONResponse({"status": "ready" if ok else "unavailable", "backends": states}, 200 if ok else 503)
+        ok = self.catalog.any_reachable() and storage_problem is None
+        body = {"status": "ready" if ok else "unavailable", "backends": states,
+                "storage": {"ok": storage_problem is None, "error": storage_problem}}  # fmt: skip
+        return JSONResponse(body, 200 if ok else 503)
