@@ -20,7 +20,9 @@ import orjson
 from ..errors import InvalidRequest, UnsupportedParameter
 
 # Accepted and unused: prompt-caching hints and platform bookkeeping that do not change the answer.
-_IGNORED = frozenset({"cache_control", "service_tier", "inference_geo"})
+_IGNORED = frozenset({
+    "cache_control", "service_tier", "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
+})  # fmt: skip
 _KNOWN = frozenset({
     "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k",
     "stream", "metadata", "tools", "tool_choice", "thinking",
@@ -322,10 +324,13 @@ def _thinking(body: dict, max_tokens: int | None) -> str | None:
     kind = thinking.get("type")
     if kind == "disabled":
         return "none"
-    if kind == "adaptive":
-        return None  # the model decides how long to think: its default
+    if thinking.get("display") == "omitted":
+        _fail(("thinking", "display"), "'omitted' is not supported: the reasoning is returned as the model wrote it",
+              unsupported=True)  # fmt: skip
+    if kind in ("adaptive", "between_tools"):
+        return None  # the model decides when and how long to think: its default
     if kind != "enabled":
-        _fail(("thinking", "type"), "Input should be 'enabled', 'disabled' or 'adaptive'")
+        _fail(("thinking", "type"), "Input should be 'enabled', 'disabled', 'adaptive' or 'between_tools'")
     budget = thinking.get("budget_tokens")
     _expect(budget, (int,), "an integer", ("thinking", "budget_tokens"))
     if budget < 1024:
