@@ -415,14 +415,14 @@ def to_openai(body: dict) -> dict:
 
 # --- count_tokens -------------------------------------------------------------------------------
 
-_COUNT_KNOWN = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"}) | _IGNORED
-
-
 def count_request(body: dict) -> dict:
-    """Check a ``/v1/messages/count_tokens`` body; the OpenAI body whose prompt is to be counted."""
-    for key in body:
-        if key not in _COUNT_KNOWN:
-            _fail((key,), "Extra inputs are not permitted", unsupported=True)
+    """Check a ``/v1/messages/count_tokens`` body; the OpenAI body whose prompt is to be counted.
+
+    Clients often send the very body they are about to post to ``/v1/messages``, so the
+    generation fields (``max_tokens``, sampling, ``stream``) are accepted; they do not
+    change the prompt's size.
+    """
+    _check_fields(body)
     return _prompt(body, None)
 
 
