@@ -56,6 +56,9 @@ async def messages_count_tokens(request: Request):
         return await count_tokens(request, _gateway(request))
     except ProxyError as exc:
         return anthropic_error_response(exc)
+    except Exception as exc:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return anthropic_error_response(internal_error())
 
 
 async def list_models(request: Request):

@@ -270,6 +270,24 @@ def test_thinking_on_a_thinking_model(client, ollama):
     assert starts == ["thinking", "text"]
 
 
+def test_thinking_on_vllm_is_its_reasoning_content(client, vllm):
+    vllm.behavior = Behavior(reply="42", thinking="Six times seven.")
+    thinking = {"type": "enabled", "budget_tokens": 16384}  # at 16k a long think
+    message = client.messages.create(model="qwen-chat", max_tokens=20000, thinking=thinking, messages=HI)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in message.content] == [
+        ("thinking", "Six times seven."), ("text", "42")]
+    assert last_body(vllm, "/v1/chat/completions")["reasoning_effort"] == "high"
+    with client.messages.stream(model="qwen-chat", max_tokens=20000, thinking=thinking, messages=HI) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].thinking == "Six times seven." and final.content[1].text == "42"
+
+
+def test_beta_client_paths_work(client):
+    message = client.beta.messages.create(model="chat", max_tokens=20, messages=HI)
+    assert message.content[0].text == "You said: Hi"
+    assert client.beta.messages.count_tokens(model="chat", messages=HI).input_tokens == 1
+
+
 def test_thinking_disabled_turns_the_model_s_reasoning_off(client, ollama):
     ollama.behavior = Behavior(reply="42", thinking="Six times seven.")
     message = client.messages.create(model="thinker", max_tokens=100, thinking={"type": "disabled"}, messages=HI)

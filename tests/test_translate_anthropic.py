@@ -381,3 +381,17 @@ def test_error_event():
     assert anthropic_error_event(BackendTimeout("slow")) == (
         b'event: error\ndata: {"type":"error","error":{"type":"timeout_error","message":"slow"}}\n\n'
     )
+
+
+def test_tool_calls_without_an_index_are_told_apart_by_id():
+    stream = anthropic_reply.MessageStream()
+    frames = [
+        b'data: {"id":"chatcmpl-3","model":"m","choices":[{"delta":{"tool_calls":[{"id":"a","function":{"name":"f","arguments":"{}"}}]}}]}\n\n',
+        b'data: {"id":"chatcmpl-3","model":"m","choices":[{"delta":{"tool_calls":[{"id":"b","function":{"name":"g","arguments":"{}"}}]}}]}\n\n',
+        b'data: {"id":"chatcmpl-3","model":"m","choices":[{"delta":{},"finish_reason":"tool_calls"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    out = events(b"".join(stream.feed(f) for f in frames))
+    starts = [data["content_block"] for name, data in out if name == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("a", "f"), ("b", "g")]
+    assert out[-2][1]["delta"]["stop_reason"] == "tool_use"

@@ -137,6 +137,7 @@ class MessageStream:
         self.index = -1  # the open content block's index; blocks are numbered 0, 1, ... as they start
         self.block: str | None = None  # "thinking", "text" or "tool_use"
         self.tool_index: int | None = None  # the OpenAI index of the tool call the open block holds
+        self.tool_id: str | None = None  # and its id
         self.finish_reason: str | None = None
         self.matched: str | None = None
         self.called_tools = False
@@ -231,12 +232,14 @@ class MessageStream:
         out = b""
         function = call.get("function") or {}
         position = call.get("index", 0)
-        if self.block != "tool_use" or self.tool_index != position:
+        call_id = call.get("id") or None
+        # A new call has a new index; servers that leave the index out at least give a new id.
+        if self.block != "tool_use" or self.tool_index != position or (call_id and call_id != self.tool_id):
+            call_id = call_id or new_id("toolu_")
             out += self._open("tool_use", {
-                "type": "tool_use", "id": call.get("id") or new_id("toolu_"),
-                "name": function.get("name") or "", "input": {},
+                "type": "tool_use", "id": call_id, "name": function.get("name") or "", "input": {},
             })  # fmt: skip
-            self.tool_index = position
+            self.tool_index, self.tool_id = position, call_id
             self.called_tools = True
         arguments = function.get("arguments")
         if isinstance(arguments, dict):  # some servers send the object itself
@@ -266,7 +269,7 @@ class MessageStream:
         if self.block is None:
             return b""
         self.block = None
-        self.tool_index = None
+        self.tool_index = self.tool_id = None
         return event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
     def _finish(self) -> bytes:
