@@ -275,7 +275,9 @@ def test_thinking_on_vllm_is_its_reasoning_content(client, vllm):
     thinking = {"type": "enabled", "budget_tokens": 16384}  # at 16k a long think
     message = client.messages.create(model="qwen-chat", max_tokens=20000, thinking=thinking, messages=HI)
     assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in message.content] == [
-        ("thinking", "Six times seven."), ("text", "42")]
+        ("thinking", "Six times seven."),
+        ("text", "42"),
+    ]
     assert last_body(vllm, "/v1/chat/completions")["reasoning_effort"] == "high"
     with client.messages.stream(model="qwen-chat", max_tokens=20000, thinking=thinking, messages=HI) as stream:
         final = stream.get_final_message()

@@ -73,7 +73,9 @@ def test_minimal_request_is_what_an_openai_client_would_send():
 @pytest.mark.parametrize("budget,effort", [(1024, "low"), (4095, "low"), (4096, "medium"), (16383, "medium"),
                                            (16384, "high"), (60000, "high")])  # fmt: skip
 def test_thinking_budget_to_reasoning_effort(budget, effort):
-    assert translate(max_tokens=64000, thinking={"type": "enabled", "budget_tokens": budget})["reasoning_effort"] == effort
+    assert (
+        translate(max_tokens=64000, thinking={"type": "enabled", "budget_tokens": budget})["reasoning_effort"] == effort
+    )
 
 
 def test_thinking_disabled_and_adaptive():

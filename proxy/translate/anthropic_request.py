@@ -415,6 +415,7 @@ def to_openai(body: dict) -> dict:
 
 # --- count_tokens -------------------------------------------------------------------------------
 
+
 def count_request(body: dict) -> dict:
     """Check a ``/v1/messages/count_tokens`` body; the OpenAI body whose prompt is to be counted.
 
