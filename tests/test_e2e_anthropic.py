@@ -372,13 +372,18 @@ def test_backend_down_before_the_first_byte(client, ollama):
     assert info.value.status_code == 502 and info.value.body["error"]["type"] == "api_error"
 
 
-def test_failure_mid_stream_is_an_error_event(client, ollama):
+def test_failure_mid_stream_is_an_error_event(client, proxy, ollama):
     ollama.behavior = Behavior(reply="one two three four five six", fail="error_mid_stream", fail_after_chunks=2)
+    texts = []
     with pytest.raises(anthropic.APIStatusError) as info:
         with client.messages.stream(model="chat", max_tokens=100, messages=HI) as stream:
-            for _ in stream.text_stream:
-                pass
+            for text in stream.text_stream:
+                texts.append(text)
+    assert texts  # the stream had started: the error came as an event, after some text
+    assert info.value.status_code == 200  # ... so the SDK sees the stream's status
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "api_error"
+    entry = row(proxy, info.value.response.headers["x-request-id"])
+    assert entry["endpoint"] == "/v1/messages" and entry["status"] == "error"
 
 
 def test_wrong_method_is_anthropic_shaped(proxy):
