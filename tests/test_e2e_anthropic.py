@@ -195,6 +195,17 @@ def test_stop_sequence_reported_where_the_backend_says_which(client, ollama, vll
     assert (message.stop_reason, message.content[0].text) == ("end_turn", "one two ")
 
 
+@BOTH
+def test_structured_output(client, request, model, sim_name):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "celsius": {"type": "integer"}},
+              "required": ["city", "celsius"]}  # fmt: skip
+    fmt = {"format": {"type": "json_schema", "schema": schema}}
+    message = client.messages.create(model=model, max_tokens=100, messages=HI, output_config=fmt)
+    assert json.loads(message.content[0].text) == {"city": "example", "celsius": 1}  # the sims' document for it
+    sent = last_body(request.getfixturevalue(sim_name), "/api/chat" if sim_name == "ollama" else "/v1/chat/completions")
+    assert (sent["format"] if sim_name == "ollama" else sent["response_format"]["json_schema"]["schema"]) == schema
+
+
 # --- tools ------------------------------------------------------------------------------------
 
 

@@ -78,6 +78,19 @@ def test_thinking_budget_to_reasoning_effort(budget, effort):
     )
 
 
+def test_output_config():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    openai = translate(output_config={"effort": "xhigh", "format": {"type": "json_schema", "schema": schema}})
+    assert openai["reasoning_effort"] == "xhigh"
+    assert openai["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    validate.chat(openai)
+    # effort overrides a thinking budget's mapping, but not thinking turned off
+    budget = {"type": "enabled", "budget_tokens": 2000}
+    assert translate(max_tokens=4000, thinking=budget, output_config={"effort": "high"})["reasoning_effort"] == "high"
+    off = translate(thinking={"type": "disabled"}, output_config={"effort": "high"})
+    assert off["reasoning_effort"] == "none"
+
+
 def test_thinking_disabled_and_adaptive():
     assert translate(thinking={"type": "disabled"})["reasoning_effort"] == "none"
     assert "reasoning_effort" not in translate(thinking={"type": "adaptive"})
@@ -195,6 +208,10 @@ def msg(content) -> dict:
     ({"thinking": {"type": "enabled", "budget_tokens": 1024, "display": "omitted"}, "max_tokens": 2000},
      "thinking.display: 'omitted' is not supported", "thinking.display", UnsupportedParameter),
     ({"container": "c1"}, "container: code-execution containers are not available", "container", UnsupportedParameter),
+    ({"output_config": {"effort": "extreme"}}, "output_config.effort: Input should be one of low",
+     "output_config.effort", InvalidRequest),
+    ({"output_config": {"format": {"type": "regex"}}}, "output_config.format.type: Input should be 'json_schema'",
+     "output_config.format.type", InvalidRequest),
     ({"frequency_penalty": 1}, "frequency_penalty: Extra inputs are not permitted", "frequency_penalty",
      UnsupportedParameter),
 ])  # fmt: skip

@@ -25,13 +25,12 @@ _IGNORED = frozenset({
 })  # fmt: skip
 _KNOWN = frozenset({
     "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k",
-    "stream", "metadata", "tools", "tool_choice", "thinking",
+    "stream", "metadata", "tools", "tool_choice", "thinking", "output_config",
 }) | _IGNORED  # fmt: skip
 # Fields of Anthropic's platform with no equivalent on a self-hosted backend: refused by name.
 _REFUSED = {
     "container": "code-execution containers",
     "mcp_servers": "remote MCP servers",
-    "output_config": "output configuration (effort, structured output)",
     "context_management": "context management",
 }
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -340,6 +339,30 @@ def _thinking(body: dict, max_tokens: int | None) -> str | None:
     return reasoning_effort(budget)
 
 
+_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _output_config(body: dict, openai: dict) -> None:
+    """``output_config``: ``effort`` -> ``reasoning_effort``, ``format`` -> a JSON-schema ``response_format``."""
+    config = _optional(body, "output_config", (dict,), "an object")
+    if not config:
+        return
+    effort = config.get("effort")
+    if effort is not None:
+        if effort not in _EFFORTS:
+            _fail(("output_config", "effort"), f"Input should be one of {', '.join(_EFFORTS)}")
+        if openai.get("reasoning_effort") != "none":  # thinking: disabled still means no reasoning
+            openai["reasoning_effort"] = effort
+    fmt = config.get("format")
+    if fmt is not None:
+        _expect(fmt, (dict,), "an object", ("output_config", "format"))
+        if fmt.get("type") != "json_schema":
+            _fail(("output_config", "format", "type"), "Input should be 'json_schema'")
+        schema = fmt.get("schema")
+        _expect(schema, (dict,), "an object", ("output_config", "format", "schema"))
+        openai["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+
+
 def _check_fields(body: dict) -> None:
     for key in body:
         if key in _KNOWN:
@@ -373,6 +396,7 @@ def _prompt(body: dict, max_tokens: int | None) -> dict:
     effort = _thinking(body, max_tokens)
     if effort is not None:
         openai["reasoning_effort"] = effort
+    _output_config(body, openai)
     return openai
 
 
