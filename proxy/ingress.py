@@ -13,7 +13,7 @@ module is the thin part that touches requests and responses.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from starlette.requests import Request
@@ -23,6 +23,9 @@ from .errors import BackendError, ProxyError, anthropic_error_event
 from .middleware import request_key
 from .streaming import read_json
 from .translate import anthropic_reply, anthropic_request
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
 
 
 class Ingress(Protocol):
@@ -90,7 +93,7 @@ class AnthropicIngress:
 ANTHROPIC = AnthropicIngress()  # stateless: one per process is enough
 
 
-async def count_tokens(request: Request, gateway) -> Response:
+async def count_tokens(request: Request, gateway: Gateway) -> Response:
     """``POST /v1/messages/count_tokens``: ``{"input_tokens": N}``, a fast estimate (see the README).
 
     The model must resolve, as for a real request (404 otherwise), but no backend is

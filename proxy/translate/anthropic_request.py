@@ -7,8 +7,8 @@ the way Anthropic's API does (``messages.2.content.0.text: ...``) and carry the
 OpenAI-style ``param`` (``messages[2].content[0].text``) for the history.
 
 Rule, as on the OpenAI side: a field is honoured or refused with a 400, except
-hints that change nothing in the answer (``cache_control``, ``service_tier``,
-``inference_geo``), which are accepted and unused. See docs/translation.md.
+hints that change nothing in the answer (``cache_control``, ``service_tier`` and
+the like, see ``_IGNORED``), which are accepted and unused. See docs/translation.md.
 """
 
 from __future__ import annotations
