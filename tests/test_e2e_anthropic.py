@@ -444,6 +444,17 @@ def test_streamed_history_row_has_tokens(client, proxy):
     assert entry["completion_tokens"] > 0
 
 
+def test_a_client_that_leaves_stops_the_backend(proxy, ollama):
+    ollama.behavior = Behavior(reply="word " * 200, tokens_per_second=50)
+    body = {"model": "chat", "max_tokens": 500, "messages": HI, "stream": True}
+    with httpx.stream("POST", f"{proxy.url}/v1/messages", json=body, headers={"x-api-key": PROXY_KEY}) as resp:
+        request_id = resp.headers["x-request-id"]
+        chunks = resp.iter_raw()  # kept: dropping the iterator would close the response
+        assert b"message_start" in next(chunks)
+    assert wait_for(lambda: ollama.cancelled == 1)
+    assert row(proxy, request_id)["status"] == "cancelled"
+
+
 def test_metrics_label_the_endpoint(client, proxy):
     client.messages.create(model="chat", max_tokens=10, messages=HI)
     text = httpx.get(f"{proxy.url}/metrics").text
