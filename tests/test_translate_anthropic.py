@@ -324,6 +324,15 @@ def test_stream_does_not_depend_on_how_bytes_are_cut(cuts):
     assert events(raw) == case["anthropic_events"]
 
 
+def test_crlf_stream_cut_between_cr_and_lf():
+    case = fixture("stream_stop_sequence.json")
+    whole = "".join(case["openai_frames"]).encode()
+    for at in [i + 1 for i in range(len(whole)) if whole[i : i + 1] == b"\r"]:
+        stream = anthropic_reply.MessageStream()
+        raw = stream.feed(whole[:at]) + stream.feed(whole[at:]) + stream.close()
+        assert events(raw) == case["anthropic_events"]
+
+
 def test_stream_of_a_replayed_answer_matches_the_whole_reply():
     """A cached answer replayed as OpenAI frames, then translated, says what the whole reply says."""
     completion = fixture("reply_full.json")["openai"]

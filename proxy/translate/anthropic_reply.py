@@ -144,10 +144,10 @@ class MessageStream:
         self.usage: dict | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        if b"\r" in chunk:  # some servers frame events with CRLF
-            chunk = chunk.replace(b"\r\n", b"\n")
         if self._pending:
             chunk, self._pending = self._pending + chunk, b""
+        if b"\r" in chunk:  # some servers frame events with CRLF (a CR may end the previous piece)
+            chunk = chunk.replace(b"\r\n", b"\n")
         if not chunk.endswith(b"\n\n"):
             cut = chunk.rfind(b"\n\n") + 2  # 1 when no event ends in this chunk: all of it waits
             if cut == 1:
