@@ -15,9 +15,10 @@ from starlette.routing import Route
 
 from . import admin
 from .config import Config, load_config
-from .errors import MethodNotAllowed, NotFound, ProxyError, error_response, internal_error
+from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
-from .middleware import AdminAuth, APIKeyAuth
+from .ingress import ANTHROPIC, count_tokens
+from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth
 from .services import Services
 
 log = logging.getLogger("llm_proxy")
@@ -37,6 +38,27 @@ async def completions(request: Request):
 
 async def embeddings(request: Request):
     return await _gateway(request).generate(request, "embeddings")
+
+
+async def messages(request: Request):
+    # Errors are rendered here, in Anthropic's shape, rather than by the app's OpenAI-shaped handlers.
+    try:
+        return await _gateway(request).generate(request, "chat", ANTHROPIC)
+    except ProxyError as exc:
+        return anthropic_error_response(exc)
+    except Exception as exc:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return anthropic_error_response(internal_error())
+
+
+async def messages_count_tokens(request: Request):
+    try:
+        return await count_tokens(request, _gateway(request))
+    except ProxyError as exc:
+        return anthropic_error_response(exc)
+    except Exception as exc:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return anthropic_error_response(internal_error())
 
 
 async def list_models(request: Request):
@@ -67,11 +89,12 @@ async def _proxy_error(request: Request, exc: ProxyError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
+    render = anthropic_error_response if request.url.path.startswith(ANTHROPIC_PREFIX) else error_response
     if exc.status_code == 404:
-        return error_response(NotFound(f"Unknown path {request.url.path}"))
+        return render(NotFound(f"Unknown path {request.url.path}"))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}"))
-    return error_response(ProxyError(str(exc.detail), status=exc.status_code))
+        return render(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}"))
+    return render(ProxyError(str(exc.detail), status=exc.status_code))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -94,6 +117,8 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages_count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

@@ -5,7 +5,17 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from .errors import Forbidden, ProxyError, Unauthorized, UnsupportedMediaType, error_response
+from .errors import (
+    Forbidden,
+    ProxyError,
+    Unauthorized,
+    UnsupportedMediaType,
+    anthropic_error_response,
+    error_response,
+)
+
+# Anthropic's clients send their key as x-api-key (the anthropic SDK, coding agents), some as a bearer.
+ANTHROPIC_PREFIX = "/v1/messages"
 
 
 def bearer_token(scope) -> bytes | None:
@@ -14,6 +24,19 @@ def bearer_token(scope) -> bytes | None:
             scheme, _, token = value.partition(b" ")
             return token.strip() if scheme.lower() == b"bearer" else None
     return None
+
+
+def api_key_header(scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"x-api-key":
+            return value.strip() or None
+    return None
+
+
+def request_key(scope) -> bytes | None:
+    """The key of an Anthropic-style request: ``Authorization: Bearer``, else ``x-api-key``."""
+    token = bearer_token(scope)
+    return token if token is not None else api_key_header(scope)
 
 
 def key_matches(token: bytes | None, keys: tuple[bytes, ...]) -> bool:
@@ -27,7 +50,11 @@ def key_matches(token: bytes | None, keys: tuple[bytes, ...]) -> bool:
 
 
 class APIKeyAuth:
-    """With ``server.api_keys`` set, every ``/v1`` request needs ``Authorization: Bearer <key>``."""
+    """With ``server.api_keys`` set, every ``/v1`` request needs ``Authorization: Bearer <key>``.
+
+    ``/v1/messages*`` (the Anthropic API) also takes the key as ``x-api-key``, and
+    refuses in Anthropic's error shape.
+    """
 
     def __init__(self, app, keys: tuple[str, ...], prefix: str = "/v1") -> None:
         self.app = app
@@ -36,13 +63,21 @@ class APIKeyAuth:
 
     async def __call__(self, scope, receive, send) -> None:
         if self.keys and scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            anthropic = scope["path"].startswith(ANTHROPIC_PREFIX)
             token = bearer_token(scope)
-            if not key_matches(token, self.keys):
+            allowed = key_matches(token, self.keys)
+            if anthropic and not allowed:
+                # The anthropic SDK sends both headers when given both an api_key and an auth_token.
+                token = api_key_header(scope) or token
+                allowed = key_matches(token, self.keys)
+            if not allowed:
                 if token is None:
-                    message = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+                    how = "'x-api-key: YOUR_KEY' or " if anthropic else ""
+                    message = f"You didn't provide an API key. Send it as {how}'Authorization: Bearer YOUR_KEY'."
                 else:
                     message = "Incorrect API key provided."
-                response = error_response(Unauthorized(message, headers={"www-authenticate": "Bearer"}))
+                problem = Unauthorized(message, headers={"www-authenticate": "Bearer"})
+                response = anthropic_error_response(problem) if anthropic else error_response(problem)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
