@@ -17,7 +17,7 @@ from . import admin
 from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, error_response, internal_error
 from .gateway import Gateway
-from .middleware import AdminAuth, APIKeyAuth
+from .middleware import AdminAuth, APIKeyAuth, UnexpectedErrors
 from .services import Services
 
 log = logging.getLogger("llm_proxy")
@@ -75,7 +75,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette's last resort, reached only if UnexpectedErrors (which logs) could not answer; Starlette
+    # re-raises after this, and uvicorn logs that, so logging here would only repeat it.
     return error_response(internal_error())
 
 
@@ -104,6 +105,8 @@ def create_app(config: Config) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[
+            # First, so it wraps everything below: an unexpected exception stops there, answered and logged once.
+            Middleware(UnexpectedErrors),
             Middleware(APIKeyAuth, keys=config.server.api_keys),
             Middleware(AdminAuth, keys=config.server.admin_keys),
         ],

@@ -75,6 +75,7 @@ class Gateway:
 
     async def generate(self, request: Request, operation: Operation) -> Response | SSEResponse:
         exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
+        request.state.request_id = exchange.id  # for UnexpectedErrors' log line and its 500
         try:
             return await self._generate(request, operation, exchange)
         except ProxyError as exc:
