@@ -162,9 +162,10 @@ CHAT = Obj(
 # --- legacy completions -------------------------------------------------------------------------
 
 _TOKENS = Arr(INT, what="an array of token ids")
+_SOME_TOKENS = Arr(INT, min_len=1, what="an array of token ids")  # an empty one inside a batch is no prompt
 PROMPT = OneOf(
     STR,
-    ArrayByFirst(STRINGS, _TOKENS, Arr(_TOKENS), what="an array of strings or token ids"),
+    ArrayByFirst(STRINGS, _TOKENS, Arr(_SOME_TOKENS), what="an array of strings or token ids"),
     what="a string or an array",
 )
 
@@ -187,8 +188,7 @@ COMPLETION = Obj(
 _TEXT = Str(nonempty=True)
 INPUT = OneOf(
     _TEXT,
-    ArrayByFirst(Arr(_TEXT), _TOKENS, Arr(Arr(INT, min_len=1, what="an array of token ids")),
-                 what="an array of strings or token ids"),  # fmt: skip
+    ArrayByFirst(Arr(_TEXT), _TOKENS, Arr(_SOME_TOKENS), what="an array of strings or token ids"),
     what="a string or an array",
 )
 
