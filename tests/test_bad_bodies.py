@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import os
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -27,7 +28,7 @@ from proxy.errors import InvalidRequest
 from proxy.sim import SimVLLM
 from tests.support import backends_config, running_proxy
 
-EXAMPLES = int(__import__("os").environ.get("BAD_BODIES_EXAMPLES", "22"))  # per endpoint and backend: the whole file runs in about 20 s on a shared machine
+EXAMPLES = int(os.environ.get("BAD_BODIES_EXAMPLES", "80"))  # per endpoint and backend: the whole file runs in about 20 s on a shared machine
 
 _PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
 
@@ -356,7 +357,7 @@ def test_swapped_field_is_a_clean_4xx_on_a_connection_that_survives(proxy_url, o
         status, data, _ = connection.post(path, valid)
         assert status == 200, data
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=not __import__("os").environ.get("BAD_BODIES_RANDOM"), database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("BAD_BODIES_RANDOM"), database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
     @given(data=st.data())
     def swap_one_field(data):
@@ -395,5 +396,39 @@ def test_swapped_field_is_a_clean_4xx_on_a_connection_that_survives(proxy_url, o
 
     try:
         swap_one_field()
+    finally:
+        connection.close()
+
+
+_IMAGE = {"type": "image_url", "image_url": "data:;base64,AA"}
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "options": "x"},
+         "options"),
+        ("/v1/embeddings", {"model": "embed", "input": [1, "a"]}, "input[1]"),
+        ("/v1/chat/completions", {"model": "qwen-chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "options": {"num_ctx": "8k"}}, "options.num_ctx"),
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "tool_choice": {"type": "function", "function": "f"}}, "tool_choice.function"),
+        ("/v1/chat/completions", {"model": "llava:7b", "messages": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}, _IMAGE]}]},
+         "messages[2].content[0].image_url.url"),
+        ("/v1/completions", {"model": "qwen-chat", "prompt": "x", "stream_options": {"include_usage": 1},
+                             "stream": True}, "stream_options.include_usage"),
+    ],
+)  # fmt: skip
+def test_the_issue_examples_are_400_on_a_connection_that_survives(proxy_url, path, body, param):
+    connection = KeptConnection(proxy_url)
+    try:
+        status, raw, _ = connection.post(path, body)
+        assert status == 400, raw
+        assert assert_openai_error(status, raw)["param"] == param
+        valid = BODIES["ollama"]["embeddings" if "embeddings" in path else "chat"][0]
+        status, raw, _ = connection.post("/v1/embeddings" if "embeddings" in path else "/v1/chat/completions", valid)
+        assert status == 200, raw
     finally:
         connection.close()
