@@ -28,7 +28,8 @@ from proxy.errors import InvalidRequest
 from proxy.sim import SimVLLM
 from tests.support import backends_config, running_proxy
 
-EXAMPLES = int(os.environ.get("BAD_BODIES_EXAMPLES", "80"))  # per endpoint and backend: the whole file runs in about 20 s on a shared machine
+# Per endpoint and backend: the whole file runs in well under 20 s on a shared machine.
+EXAMPLES = int(os.environ.get("BAD_BODIES_EXAMPLES", "80"))
 
 _PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
 

@@ -8,7 +8,7 @@ for the adapter to pass through (vLLM) or refuse by name (Ollama).
 
 from __future__ import annotations
 
-from .checker import Anything, ArrayByFirst, Arr, Bool, Int, Map, Num, Obj, OneOf, Str, Tagged
+from .checker import Anything, Arr, ArrayByFirst, Bool, Int, Map, Num, Obj, OneOf, Str, Tagged
 
 ANY = Anything()
 STR = Str()
@@ -70,8 +70,9 @@ CONTENT_PART = Tagged(
         "text": Obj({"text": STR}, required=("text",)),
         # a bare URL string is what some older clients send
         "image_url": Obj({"image_url": OneOf(_IMAGE_URL, STR, what="an object")}, required=("image_url",)),
-        "input_audio": Obj({"input_audio": Obj({"data": STR, "format": STR}, required=("data", "format"))},
-                           required=("input_audio",)),  # fmt: skip
+        "input_audio": Obj(
+            {"input_audio": Obj({"data": STR, "format": STR}, required=("data", "format"))}, required=("input_audio",)
+        ),  # fmt: skip
         "refusal": Obj({"refusal": STR}, required=("refusal",)),
         "file": Obj({"file": Obj({"file_data": STR, "file_id": STR, "filename": STR})}, required=("file",)),
     },
@@ -96,10 +97,17 @@ MESSAGE = Tagged(
         "system": Obj(_SPOKEN, required=("content",)),
         "developer": Obj(_SPOKEN, required=("content",)),
         "user": Obj(_SPOKEN, required=("content",)),
-        "assistant": Obj({
-            **_SPOKEN, "tool_calls": Arr(TOOL_CALL), "refusal": STR, "reasoning_content": STR,
-            "reasoning": STR, "audio": Obj({"id": STR}), "function_call": Obj({"name": STR, "arguments": STR}),
-        }),  # fmt: skip
+        "assistant": Obj(
+            {
+                **_SPOKEN,
+                "tool_calls": Arr(TOOL_CALL),
+                "refusal": STR,
+                "reasoning_content": STR,
+                "reasoning": STR,
+                "audio": Obj({"id": STR}),
+                "function_call": Obj({"name": STR, "arguments": STR}),
+            }
+        ),  # fmt: skip
         "tool": Obj({"content": CONTENT, "tool_call_id": STR}, required=("content", "tool_call_id")),
         "function": Obj({"content": CONTENT, "name": STR}, required=("name",)),
     },
@@ -152,8 +160,9 @@ CHAT = Obj(
         "audio": Obj({"voice": STR, "format": STR}),
         "prediction": Obj({"type": STR, "content": CONTENT}, required=("content",)),
         "web_search_options": OBJ,
-        "functions": Arr(Obj({"name": Str(nonempty=True), "description": STR, "parameters": OBJ},
-                             required=("name",))),  # fmt: skip
+        "functions": Arr(
+            Obj({"name": Str(nonempty=True), "description": STR, "parameters": OBJ}, required=("name",))
+        ),  # fmt: skip
         "function_call": OneOf(STR, Obj({"name": STR}, required=("name",)), what="a string or an object"),
     },
     required=("model", "messages"),
