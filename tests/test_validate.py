@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy import validate
-from proxy.errors import InvalidRequest
+from proxy.adapt import adapt_request
+from proxy.cache import cache_key, deterministic, embedding_keys
+from proxy.config import ModelConfig
+from proxy.errors import InvalidRequest, ProxyError
+from proxy.resolve import requirements
+from proxy.translate import ollama_chat, ollama_text, passthrough
+from proxy.validate import checker, schemas
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -277,3 +286,112 @@ def test_booleans_are_not_numbers():
     assert problem(validate.chat, chat(temperature=True)).param == "temperature"
     assert problem(validate.chat, chat(seed=False)).param == "seed"
     assert problem(validate.embeddings, {"model": "e", "input": [1, True]}).param == "input[1]"
+
+
+# --- whatever passes the checker, the pure request path can handle ------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-2, 2) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+def valid_values(spec):
+    """Values the spec allows, null for optional fields included: built from the schema on purpose,
+    since the point here is what the translators do with anything validation lets through."""
+    if isinstance(spec, checker.Anything):
+        return _JSON
+    if isinstance(spec, checker.Bool):
+        return st.booleans()
+    if isinstance(spec, checker.Str):
+        if spec.choices:
+            return st.sampled_from(sorted(spec.choices))
+        return st.text(min_size=1 if spec.nonempty else 0, max_size=6)
+    if isinstance(spec, checker.Int):
+        return st.integers(-(2**40) if spec.low is None else spec.low, 2**40 if spec.high is None else spec.high)
+    if isinstance(spec, checker.Num):
+        low, high = (-1e6 if spec.low is None else spec.low), (1e6 if spec.high is None else spec.high)
+        return st.integers(int(low), int(high)) | st.floats(low, high)
+    if isinstance(spec, checker.Arr):
+        return st.lists(valid_values(spec.item), min_size=spec.min_len, max_size=2)
+    if isinstance(spec, checker.Map):
+        return st.dictionaries(st.text(max_size=3), valid_values(spec.value), max_size=2)
+    if isinstance(spec, checker.Tagged):
+        variants = [_object(variant, extra={spec.tag: st.just(tag)}) for tag, variant in sorted(spec.variants.items())]
+        if not spec.closed:
+            variants.append(st.fixed_dictionaries({spec.tag: st.just("video_url"), "video_url": _JSON}))
+        return st.one_of(variants)
+    if isinstance(spec, checker.Obj):
+        return _object(spec)
+    if isinstance(spec, checker.OneOf):
+        return st.one_of([valid_values(option) for option in spec.options])
+    if isinstance(spec, checker.ArrayByFirst):
+        return st.one_of(
+            [st.lists(valid_values(s.item), min_size=max(1, spec.min_len), max_size=2) for s in spec.shapes]
+        )
+    raise AssertionError(f"no strategy for {spec!r}")
+
+
+def _object(spec: checker.Obj, extra: dict | None = None):
+    required = {k: valid_values(spec.fields[k]) if k in spec.fields else _JSON for k in spec.required}
+    optional = {
+        k: st.none() | valid_values(v) for k, v in spec.fields.items() if k not in spec.required and k != "task_type"
+    }
+    return st.fixed_dictionaries({**required, **(extra or {})}, optional=optional)
+
+
+_ADAPTING = ModelConfig(name="m", target="t", supports_system_role=False, alternating_roles=True, system_prompt="s")
+_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def _only_proxy_errors(call, *args):
+    try:
+        return call(*args)
+    except ProxyError:
+        return None
+
+
+@_FUZZ
+@given(body=valid_values(schemas.CHAT))
+def test_any_valid_chat_body_translates_without_crashing(body):
+    # the two rules across fields, which a per-field schema cannot express
+    if body.get("stream_options") is not None:
+        body["stream"] = True
+    if body.get("top_logprobs") is not None:
+        body["logprobs"] = True
+    validate.chat(body)
+    requirements("chat", body)
+    deterministic(body)
+    cache_key("chat", "t", body)
+    passthrough.request_body(body, "t")
+    adapted = adapt_request(body, _ADAPTING)
+    for candidate in (body, adapted):
+        native = _only_proxy_errors(ollama_chat.chat_request, candidate, "t")
+        if native is not None:
+            orjson.dumps(native[0])
+
+
+@_FUZZ
+@given(body=valid_values(schemas.COMPLETION))
+def test_any_valid_completion_body_translates_without_crashing(body):
+    if body.get("stream_options") is not None:
+        body["stream"] = True
+    validate.completion(body)
+    deterministic(body)
+    cache_key("completion", "t", body)
+    passthrough.request_body(body, "t")
+    native = _only_proxy_errors(ollama_text.completion_request, adapt_request(body, _ADAPTING), "t")
+    if native is not None:
+        orjson.dumps(native[0])
+
+
+@_FUZZ
+@given(body=valid_values(schemas.EMBEDDINGS))
+def test_any_valid_embeddings_body_translates_without_crashing(body):
+    validate.embeddings(body)
+    embedding_keys("t", body)
+    passthrough.request_body(body, "t")
+    native = _only_proxy_errors(ollama_text.embed_request, body, "t")
+    if native is not None:
+        orjson.dumps(native)
