@@ -420,6 +420,9 @@ _IMAGE = {"type": "image_url", "image_url": "data:;base64,AA"}
          "messages[2].content[0].image_url.url"),
         ("/v1/completions", {"model": "qwen-chat", "prompt": "x", "stream_options": {"include_usage": 1},
                              "stream": True}, "stream_options.include_usage"),
+        # parsed fine (orjson reads 1024 levels) but too deep to encode again (254): was a 500
+        ("/v1/chat/completions", {"model": "qwen-chat", "messages": [{"role": "user", "content": "hi"}],
+                                  "guided_json": json.loads("[" * 300 + "]" * 300)}, "guided_json"),
     ],
 )  # fmt: skip
 def test_the_issue_examples_are_400_on_a_connection_that_survives(proxy_url, path, body, param):

@@ -395,3 +395,47 @@ def test_any_valid_embeddings_body_translates_without_crashing(body):
     native = _only_proxy_errors(ollama_text.embed_request, body, "t")
     if native is not None:
         orjson.dumps(native)
+
+
+def _nested(depth: int):
+    value: list | dict = []
+    for i in range(depth - 1):
+        value = {"a": value} if i % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"p": _nested(300)}}}]},
+         "tools[0].function.parameters.p"),
+        ({"guided_json": _nested(300)}, "guided_json"),
+        ({"options": {"some_new_option": _nested(300)}}, "options.some_new_option"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": {"x": _nested(300)}}}},
+         "response_format.json_schema.schema.x"),
+    ],
+)  # fmt: skip
+def test_free_form_parts_nested_too_deep_to_encode_are_refused(fields, param):
+    # orjson parses up to 1024 levels but encodes only 254, and every body is encoded again
+    body = chat(**fields)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(body)
+    error = problem(validate.chat, body)
+    assert (error.param, error.message) == (param, f"Invalid '{param}': nested more than 64 levels deep.")
+
+
+def test_free_form_parts_of_reasonable_depth_pass():
+    validate.chat(
+        chat(
+            guided_json=_nested(60),
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"a": {"type": "object", "properties": {}}}},
+                    },
+                }
+            ],
+        )
+    )

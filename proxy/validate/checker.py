@@ -61,6 +61,27 @@ def json_type(value) -> str:
     return type(value).__name__
 
 
+# orjson refuses to encode anything nested deeper than 254 levels, and the proxy re-encodes every
+# body (cache key, the backend's request): free-form parts (JSON schemas, unknown fields) get a bound.
+MAX_DEPTH = 64
+
+
+def _too_deep(value, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def check_depth(value) -> None:
+    if isinstance(value, (dict, list)) and _too_deep(value):
+        raise Problem("Invalid '", f"': nested more than {MAX_DEPTH} levels deep.")
+
+
 def wrong_type(what: str, value) -> Problem:
     return Problem("Invalid type for '", f"': expected {what}, but got {json_type(value)}.")
 
@@ -90,7 +111,7 @@ class Anything(Spec):
         self.what, self.kinds = "any value", (object,)
 
     def check(self, value) -> None:
-        return
+        check_depth(value)
 
 
 class Bool(Spec):
@@ -180,8 +201,6 @@ class Arr(Spec):
         if len(value) < self.min_len:
             raise Problem("Invalid '", f"': empty array. Expected an array with minimum length {self.min_len}.")
         item = self.item
-        if isinstance(item, Anything):
-            return
         index = 0
         try:
             for index, element in enumerate(value):  # noqa: B007 - index names the failing element
@@ -217,8 +236,11 @@ class Obj(Spec):
                     raise missing()
             for key, field in value.items():  # noqa: B007 - key names the failing field
                 spec = fields.get(key)
-                if spec is not None and field is not None:
-                    spec.check(field)
+                if spec is not None:
+                    if field is not None:
+                        spec.check(field)
+                elif isinstance(field, (dict, list)):  # unknown: passes, but must stay encodable
+                    check_depth(field)
         except Problem as problem:
             problem.segments.append(key)
             raise
