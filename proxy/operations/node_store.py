@@ -26,7 +26,7 @@ import orjson
 from ..config import BackendConfig, ConfigError, parse_config
 from ..errors import InvalidRequest
 from ..storage import Database
-from ..storage.sealed import SealError, Sealer
+from ..storage.sealed import Sealer, SealError
 
 log = logging.getLogger("llm_proxy.nodes")
 
