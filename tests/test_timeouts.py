@@ -1,0 +1,150 @@
+"""Slow peers are timed out: clients slow to send a request (raw sockets), backends slow to finish a line.
+
+Client side: the proxy runs under uvicorn with :class:`proxy.server.TimedHttpProtocol`
+(via ``ServerThread(config=...)``, the same options ``llm-proxy serve`` uses).
+Backend side: the simulators' ``trickle`` and ``endless_line`` failure modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import tempfile
+import time
+
+import httpx
+import orjson
+import pytest
+
+from proxy.app import create_app
+from proxy.config import parse_config
+from proxy.server import TimedHttpProtocol, uvicorn_options
+from proxy.sim import Behavior, ServerThread, SimOllama, SimVLLM
+
+_BOUND = 6.0  # seconds a socket read may block before the test counts the connection as held
+
+
+@contextlib.contextmanager
+def timed_proxy(config: dict):
+    """The proxy on a free port, with the protocol class and timeouts ``serve`` would use."""
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-test-") as tmp:
+        parsed = parse_config({**config, "storage": {"path": f"{tmp}/proxy.db"}}, env={})
+        with ServerThread(create_app(parsed), config=parsed) as server:
+            yield server
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=_BOUND)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes; a server that keeps the socket open fails the test."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            pytest.fail(f"the proxy kept the connection open; got so far: {data!r}")
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float) -> bool:
+    """Send ``data`` a byte at a time, ``every`` seconds apart; False once the server answered or closed."""
+    for i in range(len(data)):
+        try:
+            sock.sendall(data[i : i + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        readable, _, _ = select.select([sock], [], [], every)
+        if readable:
+            return False
+    return True
+
+
+def _split(response: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines)}
+    return status, headers, body
+
+
+CLIENT_TIMEOUTS = {"server": {"header_timeout": 1, "body_timeout": 1}}
+
+
+@pytest.fixture(scope="module")
+def strict_proxy():
+    with timed_proxy(CLIENT_TIMEOUTS) as server:
+        yield server
+
+
+def test_a_head_sent_a_byte_at_a_time_gets_408_and_is_closed(strict_proxy):
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n" * 3
+    with _connect(strict_proxy) as sock:
+        # 0.3 s per byte: the head would take over a minute to arrive.
+        still_sending = _trickle(sock, head, 0.3)
+        response = _read_all(sock)
+    assert not still_sending, "the proxy let the client send its whole slow head"
+    status, headers, body = _split(response)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert headers[b"connection"] == b"close"
+    assert headers[b"content-type"] == b"application/json"
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+    assert "server.header_timeout" in error["message"] and error["param"] is None
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(strict_proxy):
+    with _connect(strict_proxy) as sock:
+        assert _read_all(sock) == b""
+
+
+def test_a_chunked_body_that_never_completes_gets_408_and_is_closed(strict_proxy):
+    with _connect(strict_proxy) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"9\r\n{\"model\":\r\n"  # and the rest never comes
+        )
+        response = _read_all(sock)
+    status, headers, body = _split(response)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert headers[b"connection"] == b"close"
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "request_timeout" and "server.body_timeout" in error["message"]
+
+
+def test_a_slow_client_within_the_limits_is_served_and_kept_alive(strict_proxy):
+    request = b"GET /health HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    with _connect(strict_proxy) as sock:
+        for _ in range(3):  # keep-alive: each request gets its own head deadline
+            for part in (request[:10], request[10:25], request[25:]):
+                sock.sendall(part)
+                time.sleep(0.2)  # pacing the client, not waiting for the server: 0.6 s per head < 1 s
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"connection: close" not in answer.lower()
+        # a body sent in pieces, in time
+        body = orjson.dumps({"model": "nothing-serves-this", "messages": [{"role": "user", "content": "hi"}]})
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+        time.sleep(0.3)
+        sock.sendall(body[:10])
+        time.sleep(0.3)
+        sock.sendall(body[10:])
+        status, _, _ = _split(sock.recv(65536))
+        assert status.startswith(b"HTTP/1.1 4") and b"408" not in status  # the proxy's own answer about the model
+
+
+def test_serve_options_carry_the_configured_timeouts():
+    config = parse_config({"server": {"header_timeout": 3, "body_timeout": 7}}, env={})
+    factory = uvicorn_options(config)["http"]
+    assert factory.func is TimedHttpProtocol
+    assert factory.keywords == {"header_timeout": 3.0, "body_timeout": 7.0}
+    defaults = uvicorn_options(parse_config({}, env={}))["http"].keywords
+    assert defaults == {"header_timeout": 10.0, "body_timeout": 60.0}
