@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from .behavior import MID_STREAM_FAILURES, Behavior, Reply, token_logprob
-from .core import Output, hang_forever, paced
+from .behavior import MID_STREAM_FAILURES, STALL_FAILURES, Behavior, Reply, token_logprob
+from .core import Output, hang_forever, paced, stall
 from .vllm_wire import ARG_PIECE, DONE, MID_STREAM_ERROR, SSE, error_info, sse
 
 
@@ -108,6 +108,8 @@ class VLLMRendering:
         async for step, _last in paced(range(steps), job.behavior):
             if job.failure in MID_STREAM_FAILURES and step >= job.behavior.fail_after_chunks:
                 return await self._fail_mid_stream(job, out)
+            if job.failure in STALL_FAILURES and step >= job.behavior.fail_after_chunks:
+                await stall(job.failure, job.behavior, out)
             frames = [self._role_chunks(job)] if step == 0 else []
             produced = sum(min(step + 1, len(script)) for script in scripts)
             for i, script in enumerate(scripts):
