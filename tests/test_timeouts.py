@@ -148,3 +148,136 @@ def test_serve_options_carry_the_configured_timeouts():
     assert factory.keywords == {"header_timeout": 3.0, "body_timeout": 7.0}
     defaults = uvicorn_options(parse_config({}, env={}))["http"].keywords
     assert defaults == {"header_timeout": 10.0, "body_timeout": 60.0}
+
+
+# --- slow and misbehaving backends ---------------------------------------------------------------
+
+ADMIN_KEY = "adm-timeouts"
+MSG = [{"role": "user", "content": "Tell me something"}]
+LINE_CAP = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def sims():
+    from tests.support import VLLM_KEY, ollama_models
+
+    with SimOllama(models=ollama_models()) as ollama, SimVLLM(
+        model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], api_key=VLLM_KEY
+    ) as vllm:
+        yield ollama, vllm
+
+
+def _backends(sims, **timeouts) -> dict:
+    from tests.support import backends_config
+
+    config = backends_config(*sims)
+    config["timeouts"] = {"connect": 2, "first_byte": 5, "idle": 1, "max_line_bytes": LINE_CAP, **timeouts}
+    config["server"] = {"admin_keys": [ADMIN_KEY]}
+    return config
+
+
+@pytest.fixture(scope="module")
+def _backend_proxy(sims):
+    with timed_proxy(_backends(sims)) as server:
+        yield server
+
+
+@pytest.fixture
+def backend_proxy(_backend_proxy):
+    from tests.support import reset_health
+
+    reset_health(_backend_proxy)  # a failure one test provoked must not steer the next
+    return _backend_proxy
+
+
+@pytest.fixture
+def fresh(sims):
+    for sim in sims:
+        sim.behavior = Behavior()
+        sim.reset()
+    yield dict(zip(("ollama", "vllm"), sims))
+    for sim in sims:
+        sim.behavior = Behavior()
+
+
+KINDS = [("ollama", "chat"), ("vllm", "qwen-chat")]
+
+
+def _stream(proxy, model: str) -> tuple[httpx.Response, list]:
+    """The stream's data events (decoded JSON, or the string "[DONE]") as a client reads them."""
+    events = []
+    with httpx.stream("POST", f"{proxy.url}/v1/chat/completions",
+                      json={"model": model, "messages": MSG, "stream": True}, timeout=10) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                data = line[6:]
+                events.append("[DONE]" if data == "[DONE]" else orjson.loads(data))
+    return resp, events
+
+
+def _history_row(proxy, request_id: str) -> dict:
+    from tests.support import wait_for
+
+    url = f"{proxy.url}/admin/history/requests/{request_id}"
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    assert wait_for(lambda: httpx.get(url, headers=headers).status_code == 200)
+    return httpx.get(url, headers=headers).json()
+
+
+@pytest.mark.parametrize("kind,model", KINDS)
+def test_a_backend_that_trickles_spaces_is_idle(backend_proxy, fresh, kind, model):
+    fresh[kind].behavior = Behavior(reply="one two three four five", fail="trickle", fail_after_chunks=2,
+                                    trickle_interval=0.1)  # fmt: skip
+    resp, events = _stream(backend_proxy, model)
+    assert resp.status_code == 200
+    assert "[DONE]" not in events
+    assert sum(1 for e in events if "choices" in e) >= 2  # what came before the stall reached the client
+    error = events[-1]["error"]
+    assert error["code"] == "backend_timeout", error
+    from tests.support import wait_for
+
+    assert wait_for(lambda: fresh[kind].active == 0)  # the proxy hung up on it
+
+
+@pytest.mark.parametrize("kind,model", KINDS)
+def test_a_slow_backend_whose_lines_come_within_idle_is_not_cut(backend_proxy, fresh, kind, model):
+    # 0.3 s between tokens, six of them: the stream outlasts timeouts.idle (1 s), no gap does.
+    fresh[kind].behavior = Behavior(reply="one two three four five six", tokens_per_second=1 / 0.3)
+    resp, events = _stream(backend_proxy, model)
+    assert resp.status_code == 200 and events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e != "[DONE]" and e["choices"])
+    assert text == "one two three four five six"
+
+
+@pytest.mark.parametrize("kind,model,what", [("ollama", "chat", "a line"), ("vllm", "qwen-chat", "an SSE event")])
+def test_a_line_longer_than_the_cap_ends_the_stream(backend_proxy, fresh, kind, model, what):
+    fresh[kind].behavior = Behavior(reply="one two three four five", fail="endless_line", fail_after_chunks=2)
+    resp, events = _stream(backend_proxy, model)
+    assert resp.status_code == 200 and "[DONE]" not in events
+    error = events[-1]["error"]
+    assert error["code"] == "backend_error"
+    assert f"sent {what} longer than {LINE_CAP} bytes (timeouts.max_line_bytes)" in error["message"]
+
+
+def test_an_endless_line_before_anything_was_sent_is_a_502(sims, fresh):
+    fresh["ollama"].behavior = Behavior(fail="endless_line", fail_after_chunks=0)
+    with timed_proxy(_backends(sims, max_line_bytes=1000)) as server:
+        resp = httpx.post(f"{server.url}/v1/chat/completions",
+                          json={"model": "chat", "messages": MSG, "stream": True}, timeout=10)  # fmt: skip
+    assert resp.status_code == 502
+    error = resp.json()["error"]
+    assert error["code"] == "backend_error" and "longer than 1000 bytes (timeouts.max_line_bytes)" in error["message"]
+
+
+@pytest.mark.parametrize("kind,model", KINDS)
+def test_an_error_mid_stream_ends_it_without_done_and_is_recorded(backend_proxy, fresh, kind, model):
+    fresh[kind].behavior = Behavior(reply="one two three four five six", fail="error_mid_stream", fail_after_chunks=2)
+    resp, events = _stream(backend_proxy, model)
+    assert resp.status_code == 200
+    assert "[DONE]" not in events  # the answer is not complete, so nothing may say it is
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and events[-1] == {"error": errors[0]}
+    assert errors[0]["message"] and errors[0]["type"] == "api_error"
+    assert sum(1 for e in events if "choices" in e) >= 2
+    row = _history_row(backend_proxy, resp.headers["x-request-id"])
+    assert row["status"] == "error", row
