@@ -100,7 +100,7 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self._arm(_HEAD, self.header_timeout)
             return
         phase, self._phase = self._phase, _NONE
-        client = "%s:%d" % self.client if self.client else "a client"
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         if phase == _OPENED:
             log.debug("%s sent nothing within %gs; closing", client, self.header_timeout)
         elif phase == _HEAD or not (cycle is not None and cycle.response_started):
@@ -262,9 +262,10 @@ def run(app: Any, config: Config, sock: socket.socket, *, workers: int = 1, **op
     from uvicorn.supervisors import Multiprocess
 
     settings = {**uvicorn_options(config, **options), "workers": workers}
+    # uvicorn says where it listens only when it binds the socket itself.
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d%s", host, port, f" with {workers} worker processes" if workers > 1 else "")
     if workers > 1:
-        host, port = sock.getsockname()[:2]
-        log.info("listening on http://%s:%d with %d worker processes", host, port, workers)
         Multiprocess(uvicorn.Config(app, factory=True, **settings), sockets=[sock]).run()
         return True
     server = uvicorn.Server(uvicorn.Config(app, **settings))

@@ -109,7 +109,7 @@ def test_a_chunked_body_that_never_completes_gets_408_and_is_closed(strict_proxy
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
-            b"9\r\n{\"model\":\r\n"  # and the rest never comes
+            b'9\r\n{"model":\r\n'  # and the rest never comes
         )
         response = _read_all(sock)
     status, headers, body = _split(response)
@@ -161,9 +161,10 @@ LINE_CAP = 256 * 1024
 def sims():
     from tests.support import VLLM_KEY, ollama_models
 
-    with SimOllama(models=ollama_models()) as ollama, SimVLLM(
-        model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], api_key=VLLM_KEY
-    ) as vllm:
+    with (
+        SimOllama(models=ollama_models()) as ollama,
+        SimVLLM(model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], api_key=VLLM_KEY) as vllm,
+    ):
         yield ollama, vllm
 
 

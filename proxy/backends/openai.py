@@ -15,13 +15,12 @@ from ..translate.passthrough import ModelRenamer, request_body
 from ._http import UpstreamStatus, _error_message
 from .base import HTTPBackend, Reply, ServedModel, primed
 
-
 _ERROR_EVENT = b'data: {"error"'
 
 
 def _event_message(event: bytes) -> str:
     """The message of an SSE error event (``data: {"error": {...}}``), as far as it arrived."""
-    data = event[len(b"data: "):].split(b"\n", 1)[0].strip()
+    data = event[6:].split(b"\n", 1)[0].strip()  # after "data: "
     message, _ = _error_message(data)
     return message or "an error event without a message"
 

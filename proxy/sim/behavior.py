@@ -25,7 +25,7 @@ import orjson
 # chunks: "trickle" sends a space every trickle_interval seconds, "endless_line" sends bytes
 # without a newline as fast as the client reads. Streaming requests only; the others answer normally.
 STALL_FAILURES = frozenset({"trickle", "endless_line"})
-FAILURE_MODES = frozenset({"http_500", "busy", "hang", "die_mid_stream", "error_mid_stream", "not_found"}) | STALL_FAILURES
+FAILURE_MODES = STALL_FAILURES | {"http_500", "busy", "hang", "die_mid_stream", "error_mid_stream", "not_found"}
 # Failures that happen after some output went out; the others answer at once (or never).
 MID_STREAM_FAILURES = frozenset({"die_mid_stream", "error_mid_stream"})
 
@@ -144,7 +144,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "pull": (PullBehavior,),
     "trickle_interval": (int, float),
 }
-_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks", "pull", "trickle_interval"})  # the rest may be None
+# The rest may be None.
+_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks", "pull", "trickle_interval"})
 
 
 @dataclass
