@@ -88,7 +88,7 @@ class BackendHealth:
         else:
             self.last_error, self.last_error_at = error, time.time()
             log.debug("backend %s fails its health check: %s", self.name, error)
-        self._log_change(f"health check failed: {error}")
+        self._log_change(None if ok else f"health check failed: {error}")
 
     def _log_change(self, reason: str | None = None) -> None:
         """Log a change of :attr:`state` once: offline as a warning with its reason, the rest as info."""

@@ -391,9 +391,7 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
             if job.failure in MID_STREAM_FAILURES and sent >= job.behavior.fail_after_chunks:
                 return await self._fail_mid_stream(job, out)
             if job.failure in STALL_FAILURES and job.stream and sent >= job.behavior.fail_after_chunks:
-                if not out.started:
-                    await out.start(200, NDJSON)
-                await stall(job.failure, job.behavior, out)
+                break
             first_ns = first_ns or time.time_ns()
             line = self._piece(job, kind, value)
             if job.stream:
@@ -405,6 +403,10 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
             sent += 1
         if job.failure in MID_STREAM_FAILURES:
             return await self._fail_mid_stream(job, out)
+        if job.failure in STALL_FAILURES and job.stream:  # after fail_after_chunks pieces, or all of a short reply
+            if not out.started:
+                await out.start(200, NDJSON)
+            await stall(job.failure, job.behavior, out)
         now = time.time_ns()
         final = self._final(job, (loaded_ns, first_ns or now, now), logprobs)
         if job.stream:
