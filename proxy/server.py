@@ -93,11 +93,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self._timer = self.loop.call_at(self._deadline, self._expire)
             return
         cycle = self.cycle
-        busy = cycle is not None and not cycle.response_complete
-        if self._phase == _HEAD and busy:
-            # A pipelined request's head, behind a response still being sent: its time starts
-            # when that response is done, which is later than this.
-            self._arm(_HEAD, self.header_timeout)
+        if (self._phase == _HEAD and cycle is not None and not cycle.response_complete) or (
+            self._phase == _BODY and self.pipeline
+        ):
+            # A pipelined request, behind a response still being sent (uvicorn stops reading
+            # meanwhile): its time starts when that response is done, which is later than this.
+            self._arm(self._phase, self.header_timeout if self._phase == _HEAD else self.body_timeout)
             return
         phase, self._phase = self._phase, _NONE
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"

@@ -282,3 +282,20 @@ def test_an_error_mid_stream_ends_it_without_done_and_is_recorded(backend_proxy,
     assert sum(1 for e in events if "choices" in e) >= 2
     row = _history_row(backend_proxy, resp.headers["x-request-id"])
     assert row["status"] == "error", row
+
+
+def test_a_pipelined_request_waits_its_turn_without_a_408(sims, fresh):
+    """uvicorn holds a pipelined request until the response before it is done; that wait is not the client's."""
+    fresh["ollama"].behavior = Behavior(reply="one two three four five six", tokens_per_second=1 / 0.3)
+    body = orjson.dumps({"model": "chat", "messages": MSG, "stream": True})
+    first = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(body)) + body  # fmt: skip
+    second = b"GET /health HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+    with timed_proxy({**_backends(sims), "server": CLIENT_TIMEOUTS["server"]}) as server, _connect(server) as sock:
+        sock.sendall(first + second[:12])  # the stream takes about 1.8 s, over header_timeout (1 s)
+        time.sleep(1.3)  # pacing the client: the rest of the second head comes after its deadline
+        sock.sendall(second[12:])
+        response = _read_all(sock)
+    assert b"408" not in response.split(b"\r\n", 1)[0] and b"request_timeout" not in response
+    assert response.count(b"HTTP/1.1 200 OK") == 2, response
+    assert b"data: [DONE]" in response  # the stream finished before the second answer
