@@ -288,3 +288,41 @@ def test_shutdown_while_a_stream_is_open(sim):
     if status == "cancelled":  # closed by the stream on its way out: a full row
         assert http_status == 200 and finished is not None and duration is not None
     assert wait_for(lambda: sim.active == 0, timeout=5)  # and the backend stopped generating
+
+
+# --- closed exactly once ----------------------------------------------------------------------------
+
+
+def test_an_exchange_is_closed_once():
+    """A second close (a late cancel after the answer went out) must neither rewrite the row nor count twice."""
+    import asyncio
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.config import HistoryConfig, MetricsConfig
+    from proxy.exchange import Exchange
+    from proxy.history import History
+    from proxy.metrics import Metrics
+    from proxy.storage import Database
+
+    async def main() -> tuple[dict, float]:
+        db = await Database.open(":memory:")
+        history = History(db, HistoryConfig())
+        await history.start()
+        metrics = Metrics(MetricsConfig())
+        exchange = Exchange(history, metrics, "chat", None)
+        exchange.started({"model": "chat", "messages": MSG})
+        exchange.close("ok", 200)
+        exchange.close("cancelled", 500, "internal error")
+        got = await history.get(exchange.id)
+        await history.close()
+        await db.close()
+        text = metrics.render()[0].decode()
+        total = sum(sample.value for family in text_string_to_metric_families(text)
+                    if family.name == "llm_proxy_requests" for sample in family.samples
+                    if sample.name == "llm_proxy_requests_total")  # fmt: skip
+        return got, total
+
+    got, total = asyncio.run(main())
+    assert (got["status"], got["http_status"], got["error"]) == ("ok", 200, None)
+    assert total == 1
