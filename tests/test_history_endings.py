@@ -283,10 +283,11 @@ def test_shutdown_while_a_stream_is_open(sim):
                 "SELECT status, http_status, backend, finished_at, duration_seconds FROM requests WHERE id = ?",
                 (request_id,),
             ).fetchone()
-    assert status in ("cancelled", "interrupted"), status
-    assert backend == "n1"
-    if status == "cancelled":  # closed by the stream on its way out: a full row
-        assert http_status == 200 and finished is not None and duration is not None
+    # uvicorn cancels the stream when the grace period ends; the stream closes its row on the way out,
+    # before the history writer's last flush. (A row still in progress at that flush would become
+    # "interrupted", with no end time: that is what a crash leaves, not a stop.)
+    assert (status, http_status, backend) == ("cancelled", 200, "n1")
+    assert finished is not None and duration is not None
     assert wait_for(lambda: sim.active == 0, timeout=5)  # and the backend stopped generating
 
 
