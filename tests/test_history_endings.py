@@ -327,3 +327,46 @@ def test_an_exchange_is_closed_once():
     got, total = asyncio.run(main())
     assert (got["status"], got["http_status"], got["error"]) == ("ok", 200, None)
     assert total == 1
+
+
+# --- a stream cut by an exception -------------------------------------------------------------------
+
+
+def test_a_stream_cut_by_an_exception_still_closes_its_row():
+    """The server cancels the response task (a hard stop) or its send raises (a reset peer, under an
+    ASGI server that reports it): the stream still reports its end, as cancelled, exactly once."""
+    import asyncio
+
+    from proxy.streaming import SSEResponse
+
+    async def frames():
+        yield b"data: {}\n\n"
+        await asyncio.Event().wait()  # a backend that has more to say, later
+        yield b"data: never\n\n"
+
+    async def quiet_client():
+        await asyncio.Event().wait()  # never disconnects on its own
+        return {"type": "http.disconnect"}
+
+    async def run(send) -> list[tuple]:
+        ends: list[tuple] = []
+        response = SSEResponse(frames(), [], on_done=lambda *end: ends.append(end))
+        task = asyncio.ensure_future(response({"type": "http"}, quiet_client, send))
+        while not task.done() and len(sent) < 2:  # until it waits on the backend (or failed to send)
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await task
+        return ends
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def broken_send(message):
+        raise ConnectionResetError("peer reset")
+
+    assert asyncio.run(run(send)) == [("cancelled", 200, None)]
+    assert sent[0]["type"] == "http.response.start" and sent[1]["body"] == b"data: {}\n\n"
+    assert asyncio.run(run(broken_send)) == [("cancelled", 200, None)]
