@@ -350,9 +350,15 @@ def test_a_stream_cut_by_an_exception_still_closes_its_row():
 
     async def run(send) -> list[tuple]:
         ends: list[tuple] = []
+        calls: list[dict] = []
+
+        async def counted(message):
+            calls.append(message)
+            await send(message)
+
         response = SSEResponse(frames(), [], on_done=lambda *end: ends.append(end))
-        task = asyncio.ensure_future(response({"type": "http"}, quiet_client, send))
-        while not task.done() and len(sent) < 2:  # until it waits on the backend (or failed to send)
+        task = asyncio.ensure_future(response({"type": "http"}, quiet_client, counted))
+        while not task.done() and len(calls) < 2:  # until it waits on the backend (or failed to send)
             await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
