@@ -33,7 +33,11 @@ def client(pair):
     for sim in (first, second):
         sim.behavior = Behavior(reply="answered")
         sim.reset()
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    try:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    finally:  # a failure a test injected does not outlive it, passed or not
+        for sim in (first, second):
+            sim.behavior = Behavior(reply="answered")
 
 
 @pytest.mark.parametrize("fail", ["busy", "http_500", "not_found"])
