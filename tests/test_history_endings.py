@@ -46,6 +46,7 @@ def _config(sim: SimOllama, **timeouts: float) -> dict:
         "models": [
             {"name": "chat", "target": "llama3.1:8b", "backends": ["n1"]},
             {"name": "nowhere", "target": "llama3.1:8b", "backends": ["gone"]},
+            {"name": "embed", "target": "nomic-embed-text", "backends": ["n1"]},
         ],
     }
 
@@ -198,19 +199,23 @@ def test_client_gone_mid_stream(proxy, sim):
     assert_closed(r)
 
 
-def test_client_gone_during_a_non_streamed_request(proxy, sim):
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "chat", "messages": MSG}),
+    ("/v1/embeddings", {"model": "embed", "input": "a slow vector"}),
+], ids=["chat", "embeddings"])  # fmt: skip
+def test_client_gone_during_a_non_streamed_request(proxy, sim, path, body):
     sim.behavior = Behavior(reply="slow", ttft=30)
     before = ids(proxy)
-    body = orjson.dumps({"model": "chat", "messages": MSG})
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    raw_body = orjson.dumps(body)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw_body)}\r\n\r\n").encode()  # fmt: skip
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as raw:
-        raw.sendall(head + body)
+        raw.sendall(head + raw_body)
         assert wait_for(lambda: sim.active == 1, timeout=5)  # the backend is working on it
     assert wait_for(lambda: sim.cancelled == 1, timeout=5)  # ... and stopped when the client left
     r = new_finished_row(proxy, before)
-    assert (r["status"], r["http_status"], r["stream"]) == ("cancelled", 499, False)
-    assert r["requested_model"] == "chat"
+    assert (r["status"], r["http_status"], r["stream"], r["endpoint"]) == ("cancelled", 499, False, path)
+    assert r["requested_model"] == body["model"]
     assert_closed(r)
 
 
