@@ -436,3 +436,36 @@ def test_pid_check_sees_this_process_alive():
 
     assert _pid_alive(os.getpid())
     assert not _pid_alive(_dead_pid())
+
+
+def test_a_query_waits_for_a_batch_being_written():
+    """The writer has taken a batch out of the buffer but not committed it: a query in that moment
+    must still see those rows (this worker's own requests are visible at once)."""
+
+    async def main():
+        db, history = await opened(linger=0)
+        inside, release = asyncio.Event(), asyncio.Event()
+        real = db.executemany
+
+        async def held(sql, rows):
+            inside.set()
+            await release.wait()
+            return await real(sql, rows)
+
+        db.executemany = held
+        r = record(http_status=200)
+        history.begin(r)
+        history.finish(r)
+        await inside.wait()  # the batch is out of the buffer, its transaction open
+        reader = asyncio.create_task(history.get(r.id))
+        # A reader that does not wait for the batch answers at once (with nothing); give it the chance.
+        await asyncio.wait({reader}, timeout=0.5)
+        release.set()
+        got = await reader
+        db.executemany = real
+        await history.close()
+        await db.close()
+        return got
+
+    got = run(main())
+    assert got is not None and got["status"] == "ok"
