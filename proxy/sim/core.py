@@ -126,7 +126,7 @@ class Output:
         self.started = False
         self.aborted = False
         # Set just before the client can see the end (last byte or reset): from then on the
-        # generation is only bookkeeping, and counter reads wait for it (see SimBase._settle).
+        # generation is only bookkeeping, and counter reads wait for it (see SimBase._settled).
         self.ending = False
 
     async def start(self, status: int, media_type: str) -> None:
@@ -484,19 +484,19 @@ class SimBase:
             return ORJSONResponse({"error": str(exc)}, status_code=400)
         return ORJSONResponse(self.behavior.to_dict())
 
-    async def _get_stats(self, request: Request) -> Response:
-        for _ in range(200):  # let generations that already answered be counted (see _settled)
-            with self._lock:
-                if not self._ending():
-                    break
-            await asyncio.sleep(0.01)
-        return ORJSONResponse(self.stats())
-
-    async def _post_reset(self, request: Request) -> Response:
+    async def _settled_here(self) -> None:
+        """What :meth:`_settled` waits for, from a handler on the server's own loop (which must keep running)."""
         for _ in range(200):
             with self._lock:
                 if not self._ending():
-                    break
+                    return
             await asyncio.sleep(0.01)
+
+    async def _get_stats(self, request: Request) -> Response:
+        await self._settled_here()
+        return ORJSONResponse(self.stats())
+
+    async def _post_reset(self, request: Request) -> Response:
+        await self._settled_here()
         self.reset()
         return ORJSONResponse(self.stats())
