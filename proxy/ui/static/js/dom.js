@@ -28,12 +28,12 @@ export function text(value) {
 // A table with a caption (its accessible name), a header row, and a keyed body that keeps rows whose
 // data did not change, so a button under the pointer is not swapped for a new one on every update.
 export class KeyedTable {
-  constructor(caption, headings, { empty = "Nothing yet." } = {}) {
+  constructor(caption, headings, { empty = "Nothing yet.", showCaption = false } = {}) {
     this.body = h("tbody");
     this.emptyText = empty;
     this.rows = new Map();
     this.table = h("table", {},
-      h("caption", {}, caption),
+      h("caption", { class: showCaption ? null : "sr-only" }, caption),
       h("thead", {}, h("tr", {}, headings.map((t) => h("th", { scope: "col" }, t)))),
       this.body);
     this.colspan = headings.length;

@@ -110,7 +110,7 @@ export function mount(root, { store, confirm, notify }) {
     matrixTable.update(items, (r) => normalize(r.model), (r) => h("tr", {},
       h("th", { scope: "row" }, r.model),
       nodes.map((n) => h("td", {}, cellView(r.model, n, r.cells[n] || {}))),
-      h("td", {}, Object.values(r.cells).some((c) => c.installed)
+      h("td", {}, ollamaNodes().some((n) => r.cells[n] && r.cells[n].installed)
         ? h("button", { type: "button", onclick: () => remove(r) }, "Remove…") : "")));
   }
 
@@ -136,7 +136,7 @@ export function mount(root, { store, confirm, notify }) {
   }
 
   async function remove(row) {
-    const holders = Object.entries(row.cells).filter(([, c]) => c.installed).map(([n]) => n);
+    const holders = ollamaNodes().filter((n) => row.cells[n] && row.cells[n].installed);
     const boxes = holders.map((n) => h("label", {}, h("input", { type: "checkbox", value: n, checked: true }), ` ${n}`));
     const ok = await confirm({
       title: `Remove ${row.model}`,

@@ -23,7 +23,7 @@ export function mount(root, { store, notify }) {
   const form = h("form", { class: "filters", "aria-label": "Filter requests" },
     field("f-model", "Model", model), field("f-backend", "Backend", backend), field("f-status", "Status", status),
     field("f-since", "From", since), field("f-until", "Until", until),
-    h("p", { class: "field" }, h("button", { type: "submit", class: "primary" }, "Apply"),
+    h("p", { class: "field buttons" }, h("button", { type: "submit", class: "primary" }, "Apply"),
       h("button", { type: "button", onclick: () => { form.reset(); tail.checked = true; load(); } }, "Clear")));
   form.addEventListener("submit", (event) => { event.preventDefault(); load(); });
   const older = h("button", { type: "button", hidden: true, onclick: () => load(next) }, "Load older");
@@ -141,7 +141,7 @@ export function mount(root, { store, notify }) {
       if (names.join("\n") !== backendsFor) {
         backendsFor = names.join("\n");
         const keep = backend.value;
-        backend.replaceChildren(h("option", { value: "" }, "any"), names.map((n) => h("option", { value: n }, n)));
+        backend.replaceChildren(h("option", { value: "" }, "any"), ...names.map((n) => h("option", { value: n }, n)));
         backend.value = keep;
       }
     }
