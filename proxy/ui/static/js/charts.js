@@ -84,7 +84,8 @@ export class Charts {
         legend: { show: data.length > 1 },
         scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, metric.unit === "%" ? 100 : 1)] } },
         axes: [{ stroke: "#64748b" }, { stroke: "#64748b", size: 48 }],
-        series: [{}, ...data.map((d, i) => ({ label: d.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false }))],
+        series: [{}, ...data.map((d, i) => ({ label: d.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false,
+          points: { show: true, size: 4 } }))],
       };
       const plot = new uPlot(opts, [xs, ...data.map((d) => d.values)], box);
       this.plots.push({ plot, box });

@@ -7,8 +7,9 @@ export function h(tag, attrs = {}, ...children) {
     if (name.startsWith("on") && typeof value === "function") el.addEventListener(name.slice(2), value);
     else if (name === "class") el.className = value;
     else if (name === "dataset") Object.assign(el.dataset, value);
+    else if (value === true) el.setAttribute(name, ""); // the attribute, so form.reset() returns to it
     else if (name in el && typeof value !== "string") el[name] = value;
-    else el.setAttribute(name, value === true ? "" : String(value));
+    else el.setAttribute(name, String(value));
   }
   append(el, children);
   return el;

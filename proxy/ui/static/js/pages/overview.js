@@ -30,7 +30,8 @@ export function mount(root, { store, confirm, notify }) {
       h("td", { class: "num" }, b.in_flight),
       h("td", { class: "num" }, b.queue_depth),
       h("td", { class: "models" }, b.served_models.join(", ") || "–"),
-      h("td", { class: "error-text" }, b.last_error || ""),
+      // An error from before the node recovered would only alarm: shown while it is not online.
+      h("td", { class: "error-text" }, b.state !== "online" && b.last_error ? b.last_error : ""),
     ));
   }
 

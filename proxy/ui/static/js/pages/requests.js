@@ -104,7 +104,7 @@ export function mount(root, { store, notify }) {
       h("td", { class: "num" }, seconds(r.duration_seconds)),
       h("td", { class: "num" }, seconds(r.ttft_seconds)),
       h("td", { class: "num" }, tokens(r)),
-      h("td", {}, r.cache_hit ? "hit" : "miss")));
+      h("td", {}, r.endpoint.startsWith("/v1/") ? (r.cache_hit ? "hit" : "miss") : "–")));
   }
 
   async function show(id) {
