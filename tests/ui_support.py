@@ -75,8 +75,6 @@ def fleet_models() -> tuple[list[ModelSpec], list[ModelSpec]]:
         ModelSpec("llama3.1:8b", capabilities=("completion", "tools")),
         ModelSpec("qwen3:4b", capabilities=("completion", "tools", "thinking"), size=2_500_000_000),
         ModelSpec("nomic-embed-text:latest", capabilities=("embedding",), embedding_dim=16, size=274_000_000),
-        # A name that would run script if the page ever parsed API data as HTML.
-        ModelSpec(XSS, size=1_000_000),
     ]
     small = [ModelSpec("gemma3:1b", size=815_000_000), ModelSpec("llama3.1:8b")]
     return big, small

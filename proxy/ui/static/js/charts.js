@@ -85,7 +85,8 @@ export class Charts {
         scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, metric.unit === "%" ? 100 : 1)] } },
         axes: [{ stroke: "#64748b" }, { stroke: "#64748b", size: 48 }],
         series: [{}, ...data.map((d, i) => ({ label: d.label, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: false,
-          points: { show: true, size: 4 } }))],
+          // Latency and hit rate have gaps (no requests, no value): points keep a lone minute visible.
+          points: { show: metric.key === "latency" || metric.key === "cache_hit_rate", size: 5 } }))],
       };
       const plot = new uPlot(opts, [xs, ...data.map((d) => d.values)], box);
       this.plots.push({ plot, box });
