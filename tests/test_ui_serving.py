@@ -114,3 +114,50 @@ def test_stats_aggregates_the_history_per_model_and_per_backend(proxy, client):
                               ({"window": 86400, "step": 1}, "step"), ({"limit": 3}, "limit")):  # fmt: skip
             bad = http.get("/admin/stats", params=params)
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, params
+
+
+def test_the_demo_shows_a_tiered_fleet_and_stops_on_ctrl_c_with_a_dashboard_open():
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.test_cli import ROOT as CLI_ROOT
+    from tests.test_cli import free_port, wait_until_up
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port)], cwd=CLI_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    streaming = threading.Event()
+
+    def watch() -> None:  # a dashboard left open: its live feed never ends by itself
+        try:
+            with httpx.stream("GET", f"{base}/admin/events", timeout=60) as response:
+                for _ in response.iter_lines():
+                    streaming.set()
+        except httpx.HTTPError:
+            pass
+
+    try:
+        wait_until_up(f"{base}/ready", proc)
+        nodes = {n["name"]: n for n in httpx.get(f"{base}/admin/nodes").json()["data"]}
+        assert nodes["sim-ollama"]["gpu_memory_gb"] == 24 and nodes["sim-ollama-small"]["gpu_memory_gb"] == 8
+        assert nodes["sim-ollama"]["tier_models"] == ["llama3.1:8b", "qwen3:4b"]
+        assert nodes["sim-ollama-small"]["tier_models"] == ["gemma3:1b"] and nodes["sim-vllm"]["kind"] == "vllm"
+        auto = httpx.post(f"{base}/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user",
+                                                                                                "content": "hi"}]})  # fmt: skip
+        assert auto.status_code == 200 and auto.headers["x-proxy-alias"] == "chat"  # routing.default_model
+        assert httpx.get(f"{base}/ui/").status_code == 200
+        viewer = threading.Thread(target=watch, daemon=True)
+        viewer.start()
+        assert streaming.wait(10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError("the demo did not stop on Ctrl-C while a dashboard was connected") from None
+    assert f"Dashboard: {base}/ui/" in err

@@ -16,11 +16,17 @@ Frames::
 A comment line every 15 s keeps proxies from closing a quiet stream. The
 stream ends after ``_LIFETIME`` seconds so a long-open page does not pin one
 connection forever; the page reconnects.
+
+It also ends as soon as the server is told to stop. uvicorn finishes open
+responses before it shuts down (and runs the lifespan's shutdown only after),
+so an endless stream would hold a Ctrl-C or a SIGTERM until the browser tab
+closes; the stream listens for the same signals, chained to uvicorn's handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import orjson
@@ -42,6 +48,28 @@ def _frame(event: str, payload: bytes) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + payload + b"\n\n"
 
 
+def stopping(app) -> asyncio.Event:
+    """Set when SIGINT or SIGTERM reaches this process (kept on the app; chained once, on first use)."""
+    event = getattr(app.state, "events_stopping", None)
+    if event is not None:
+        return event
+    event = app.state.events_stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous = signal.getsignal(sig)
+
+            def handler(signum, frame, previous=previous) -> None:
+                loop.call_soon_threadsafe(event.set)
+                if callable(previous):
+                    previous(signum, frame)
+
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (a server in a test thread): nothing to chain to
+            break
+    return event
+
+
 def fleet_frame(services) -> bytes:
     snapshot = fleet_snapshot(services)
     snapshot["operations"] = [op.as_dict() for op in services.fleet.manager.list(limit=_OPERATIONS)]
@@ -56,13 +84,14 @@ async def stream(request: Request) -> Response:
                              param=sorted(unknown)[0])  # fmt: skip
     with_requests = request.query_params.get("requests", "1") not in ("0", "false", "no")
     services = request.app.state.services
+    stop = stopping(request.app)
 
     async def frames():
         last_fleet = last_rows = b""
         quiet_since = started = time.monotonic()
         tick = 0
         yield b"retry: 2000\n\n"
-        while time.monotonic() - started < _LIFETIME:
+        while time.monotonic() - started < _LIFETIME and not stop.is_set():
             sent = False
             fleet = fleet_frame(services)
             if fleet != last_fleet:
@@ -83,7 +112,10 @@ async def stream(request: Request) -> Response:
                 quiet_since = now
                 yield b": keepalive\n\n"
             tick += 1
-            await asyncio.sleep(_TICK)
+            try:
+                await asyncio.wait_for(stop.wait(), _TICK)
+            except TimeoutError:
+                pass
 
     return StreamingResponse(frames(), media_type="text/event-stream",
                              headers={"cache-control": "no-cache", "x-accel-buffering": "no"})  # fmt: skip
