@@ -67,8 +67,11 @@ def fits(page) -> bool:
 
 
 def node_row(page, name: str):
-    return page.get_by_role("table", name="Nodes").get_by_role("row").filter(
-        has=page.get_by_role("rowheader", name=name, exact=True))
+    return (
+        page.get_by_role("table", name="Nodes")
+        .get_by_role("row")
+        .filter(has=page.get_by_role("rowheader", name=name, exact=True))
+    )
 
 
 def wait_idle(stack, timeout: float = 15.0) -> None:
@@ -205,7 +208,8 @@ def test_removing_a_model_an_alias_uses_explains_the_409(stack, page):
 def test_activating_an_alias_changes_where_the_next_request_goes(stack, page):
     with sdk(stack) as client:
         before = client.chat.completions.with_raw_response.create(
-            model="chat", messages=[{"role": "user", "content": "hi"}])
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
         assert before.headers["x-proxy-model"] == "llama3.1:8b"
         page.goto(stack["server"].url + "/ui/#models")
         aliases = page.get_by_role("table", name="Aliases")
@@ -218,7 +222,8 @@ def test_activating_an_alias_changes_where_the_next_request_goes(stack, page):
         dialog.get_by_role("button", name="Activate").click()
         expect()(row).to_contain_text("qwen3:4b", timeout=15_000)
         after = client.chat.completions.with_raw_response.create(
-            model="chat", messages=[{"role": "user", "content": "hi"}])
+            model="chat", messages=[{"role": "user", "content": "hi"}]
+        )
         assert after.headers["x-proxy-model"] == "qwen3:4b"
         assert after.headers["x-proxy-backend"] == "gpu-big"
     with http(stack) as admin:
@@ -235,7 +240,8 @@ def test_a_request_made_with_the_sdk_appears_in_the_live_tail_and_opens_in_detai
     expect()(page.get_by_role("status").filter(has_text="Live")).to_be_visible()
     with sdk(stack) as client:
         raw = client.chat.completions.with_raw_response.create(
-            model="qwen", messages=[{"role": "user", "content": "tail me"}])
+            model="qwen", messages=[{"role": "user", "content": "tail me"}]
+        )
     request_id = raw.headers["x-request-id"]
     started = time.monotonic()
     link = table.get_by_role("button", name=request_id)

@@ -94,10 +94,14 @@ def fleet(tmp_path, *, admin_keys: tuple[str, ...] = ()):
             "timeouts": {"connect": 1, "first_byte": 5, "idle": 5},
             "health": {"interval": 0.3, "cooldown": 0.5, "max_cooldown": 1},
             "pulls": {"backoff": 0.05},
-            "distribution": {"tiers": [{"min_gpu_memory_gb": 16, "models": ["llama3.1:8b", "qwen3:4b"]},
-                                       {"min_gpu_memory_gb": 0, "models": ["gemma3:1b"]}],
-                             "baseline": ["nomic-embed-text"],
-                             "manifest_path": str(tmp_path / "manifest.json")},  # fmt: skip
+            "distribution": {
+                "tiers": [
+                    {"min_gpu_memory_gb": 16, "models": ["llama3.1:8b", "qwen3:4b"]},
+                    {"min_gpu_memory_gb": 0, "models": ["gemma3:1b"]},
+                ],
+                "baseline": ["nomic-embed-text"],
+                "manifest_path": str(tmp_path / "manifest.json"),
+            },  # fmt: skip
             "routing": {"default_model": "chat"},
             "backends": [
                 {"name": "gpu-big", "kind": "ollama", "url": big.url, "gpu_memory_gb": 24},

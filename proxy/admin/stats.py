@@ -29,9 +29,11 @@ from ..errors import InvalidRequest
 from .operations import json_response
 
 _EDGES = tuple(0.001 * 1.25**i for i in range(64) if 0.001 * 1.25**i <= 1200)  # seconds
-_BIN = "CASE WHEN duration_seconds IS NULL THEN NULL " + " ".join(
-    f"WHEN duration_seconds < {edge!r} THEN {i}" for i, edge in enumerate(_EDGES)
-) + f" ELSE {len(_EDGES)} END"
+_BIN = (
+    "CASE WHEN duration_seconds IS NULL THEN NULL "
+    + " ".join(f"WHEN duration_seconds < {edge!r} THEN {i}" for i, edge in enumerate(_EDGES))
+    + f" ELSE {len(_EDGES)} END"
+)
 _KEYS = {"none": "''", "model": "COALESCE(requested_model, '')", "backend": "COALESCE(backend, '')"}
 _MAX_KEYS = 8  # series per chart beyond "all": the busiest, so a legend stays readable
 

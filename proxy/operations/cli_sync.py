@@ -35,6 +35,7 @@ from .model import Operation
 from .pulls import PullRunner
 from .sync import SyncNode, collect, manifest, write_manifest
 
+
 class _Nodes:
     def __init__(self, admins: dict[str, OllamaAdmin]) -> None:
         self.admins = admins
