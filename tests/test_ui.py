@@ -116,6 +116,22 @@ def test_overview_lists_every_node_and_shows_one_going_offline_without_a_reload(
     assert nodes.is_visible() and fits(page)
 
 
+def test_draining_a_node_from_the_overview_and_resuming_it(stack, page):
+    page.goto(stack["server"].url + "/ui/#overview")
+    row = node_row(page, "gpu-small")
+    row.get_by_role("button", name="Drain").click()
+    dialog = page.get_by_role("dialog")
+    expect()(dialog).to_contain_text("gets no new requests; those in flight finish")
+    dialog.get_by_role("button", name="Drain").click()
+    expect()(row.get_by_role("cell").nth(0)).to_have_text(re.compile("^draining"))
+    with http(stack) as client:
+        assert client.get("/admin/nodes/gpu-small").json()["draining"] is True
+    row.get_by_role("button", name="Resume").click()
+    expect()(row.get_by_role("button", name="Drain")).to_be_visible()
+    with http(stack) as client:
+        assert client.get("/admin/nodes/gpu-small").json()["draining"] is False
+
+
 # --- models and operations -----------------------------------------------------------------------
 
 

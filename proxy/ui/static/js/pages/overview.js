@@ -6,7 +6,7 @@ import { Charts } from "../charts.js";
 import { KeyedTable, badge, clock, h, section } from "../dom.js";
 
 export function mount(root, { store, confirm, notify }) {
-  const nodes = new KeyedTable("Nodes", ["Node", "State", "Kind", "Version", "Latency", "Error rate", "In flight", "Queued", "Serves", "Last error"],
+  const nodes = new KeyedTable("Nodes", ["Node", "State", "Kind", "Version", "Latency", "Error rate", "In flight", "Queued", "Serves", "Last error", "Actions"],
     { empty: "Waiting for the first report…" });
   const problems = h("div", { class: "problems" });
   const changes = h("ol", { class: "changes", "aria-label": "Recent changes" });
@@ -32,7 +32,23 @@ export function mount(root, { store, confirm, notify }) {
       h("td", { class: "models" }, b.served_models.join(", ") || "–"),
       // An error from before the node recovered would only alarm: shown while it is not online.
       h("td", { class: "error-text" }, b.state !== "online" && b.last_error ? b.last_error : ""),
+      h("td", {}, b.draining
+        ? h("button", { type: "button", onclick: () => drain(b.name, false) }, "Resume")
+        : h("button", { type: "button", onclick: () => drain(b.name, true) }, "Drain")),
     ));
+  }
+
+  async function drain(name, on) {
+    if (on && !await confirm({
+      title: `Drain ${name}`,
+      body: [`${name} gets no new requests; those in flight finish. Other nodes serving the same models take its share.`,
+        "Not kept across a restart of the proxy."],
+      action: "Drain",
+    })) return;
+    try {
+      await api(`/admin/nodes/${encodeURIComponent(name)}/${on ? "drain" : "resume"}`, { method: "POST" });
+      notify(on ? `${name} is draining.` : `${name} takes requests again.`);
+    } catch (err) { notify(`Could not ${on ? "drain" : "resume"} ${name}: ${err.message}`, "error"); }
   }
 
   let lastProblems = "";
