@@ -17,7 +17,7 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 ACTIVE = ("queued", "running")
 PLAIN_EVERY = 5.0  # seconds between plain progress lines of an operation whose status did not change
@@ -44,11 +44,15 @@ def duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def transfer(op: dict) -> str:
-    """Bytes, speed and ETA of an operation: ``1.2 GB of 4.9 GB  52.4 MB/s  ETA 71s``."""
+def transfer(op: dict, *, compact: bool = False) -> str:
+    """Bytes, speed and ETA of an operation: ``1.2 GB of 4.9 GB  52.4 MB/s  ETA 71s`` (``1.2/4.9 GB ...`` compact)."""
     parts = []
     if op.get("total"):
-        parts.append(f"{size(op.get('completed'))} of {size(op['total'])}")
+        done, total = size(op.get("completed")), size(op["total"])
+        if compact and done.rsplit(" ", 1)[-1] == total.rsplit(" ", 1)[-1]:
+            parts.append(f"{done.rsplit(' ', 1)[0]}/{total}")
+        else:
+            parts.append(f"{done} of {total}")
     if op.get("speed"):
         parts.append(f"{size(op['speed'])}/s")
     if op.get("eta_seconds") is not None and op.get("state") in ACTIVE:
@@ -91,12 +95,13 @@ class PullProgress:
         self._tasks: dict[str, TaskID] = {}
         self._progress: Progress | None = None
         if self.tty:
+            # On a narrow terminal the detail is cut short, never the bar.
             self._progress = Progress(
-                TextColumn("{task.fields[node]}", style="bold"),
-                TextColumn("{task.fields[model]}"),
-                BarColumn(bar_width=30),
-                TextColumn("{task.percentage:>5.1f}%"),
-                TextColumn("{task.fields[detail]}"),
+                TextColumn("{task.fields[node]}", style="bold", table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[model]}", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=24, table_column=Column(min_width=24, no_wrap=True)),
+                TextColumn("{task.percentage:>5.1f}%", table_column=Column(min_width=6, no_wrap=True)),
+                TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
                 console=console(out, True),
                 refresh_per_second=8,
             )
@@ -116,9 +121,18 @@ class PullProgress:
         if self._progress is None:
             self._plain(op)
             return
-        detail = op["status"] if op["state"] in ACTIVE else op["state"]
-        detail = "  ".join(p for p in (detail, transfer(op), op.get("error") or "") if p)
+        # Speed and ETA first: on a narrow terminal the status text is what gets cut.
+        state = op["status"] if op["state"] in ACTIVE else op["state"]
+        moved = transfer(op, compact=True)
+        parts = (moved, state) if op["state"] == "running" and moved else (state, moved)
+        detail = "  ".join(p for p in (*parts, op.get("error") or "") if p)
         fields = {"node": op.get("node") or "-", "model": op["model"], "detail": detail}
+        # Left alone, rich would shrink every column to fit a long detail; the detail gives way instead.
+        names = [(o.get("node") or "-", o["model"]) for o in self.ops.values()]
+        fixed = max(len(n) for n, _ in names) + max(len(m) for _, m in names) + 24 + 6 + 4
+        room = max(10, self._progress.console.width - fixed - 1)
+        if len(detail) > room:
+            fields["detail"] = detail[: room - 1] + "…"
         task = self._tasks.get(op["id"])
         if task is None:
             task = self._tasks[op["id"]] = self._progress.add_task("", total=100, **fields)

@@ -131,3 +131,37 @@ def test_progress_lines_off_a_terminal_repeat_only_on_change_or_after_a_while():
     ]
     assert view.done
     assert progress_line({**op, "total": 0, "state": "failed", "error": "boom"}).endswith("52.4 MB/s  boom")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_sync_on_a_terminal_draws_the_same_bars(tmp_path):
+    import asyncio
+
+    from proxy.config import parse_config
+    from proxy.operations.cli_sync import run_sync
+
+    with SimOllama(models=[]) as big, SimOllama(models=[]) as small:
+        for sim in (big, small):
+            sim.behavior.pull = PullBehavior(seconds=0.5)
+        config = parse_config({
+            "storage": {"path": ":memory:"},
+            "distribution": {"tiers": [{"min_gpu_memory_gb": 16, "models": ["llama3.1:8b"]}],
+                             "baseline": ["gemma3:1b"], "fallback": ["llama3.1:8b"],
+                             "manifest_path": str(tmp_path / "manifest.json")},
+            "backends": [{"name": "big", "kind": "ollama", "url": big.url, "gpu_memory_gb": 24},
+                         {"name": "small", "kind": "ollama", "url": small.url, "gpu_memory_gb": 8}],
+        }, env={})  # fmt: skip
+        out = _Terminal()
+        assert asyncio.run(run_sync(config, out=out)) == 0
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "\x1b[" in out.getvalue() and "━" in plain
+    for node, model in (("big", "llama3.1:8b"), ("big", "gemma3:1b"), ("small", "gemma3:1b")):
+        assert re.search(rf"{node}\s+{re.escape(model)}\s+━+\s+100\.0%\s+succeeded", plain), (node, model)
+    assert not re.search(r"small\s+llama3\.1:8b", plain)  # not in the small node's tier
+    for frame in out.getvalue().split("\r"):  # every redraw keeps its bars, however long the detail
+        lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frame).splitlines()
+        assert all("━" in line for line in lines if re.match(r"(big|small)\s+\S+:\S+\s", line)), frame
