@@ -112,7 +112,7 @@ export function mount(root, { store, notify }) {
     try { r = await api(`/admin/history/requests/${encodeURIComponent(id)}`); } catch (err) { notify(err.message, "error"); return; }
     const item = (k, v) => [h("dt", {}, k), h("dd", {}, v === null || v === undefined || v === "" ? "–" : String(v))];
     const body = (title, value) => h("details", { open: true }, h("summary", {}, title),
-      h("pre", {}, value === null || value === undefined ? "(not captured: history.capture_bodies is off)" : prettify(value)));
+      h("pre", {}, value === null || value === undefined ? "(not stored: bodies are kept only with history.capture_bodies on)" : prettify(value)));
     detail.replaceChildren(
       h("h2", {}, `Request ${r.id}`),
       h("dl", {},
