@@ -53,5 +53,6 @@ async def _to_ui(request) -> RedirectResponse:
 def routes() -> list:
     return [
         Route("/", _to_ui, methods=["GET", "HEAD"]),
+        Route("/ui", _to_ui, methods=["GET", "HEAD"]),  # the app does not redirect slashes on its own
         Mount("/ui", app=_SecurityHeaders(StaticFiles(directory=STATIC, html=True)), name="ui"),
     ]
