@@ -178,6 +178,11 @@ class RoutingConfig:
     # Requests waiting for a slot on a backend at max_concurrent; beyond it: 429 + Retry-After.
     queue_size: int = field(default=64, metadata=_check(_non_negative))
     queue_timeout: float = field(default=30.0, metadata=_check(_positive))
+    # With no other backend left to try, a transient failure (connection reset, 502/503, busy)
+    # is retried on the same backend this many more times, after a jittered backoff that starts
+    # at `retry_backoff` seconds and doubles. Single-node setups would otherwise fail at once.
+    retry_same: int = field(default=2, metadata=_check(_non_negative))
+    retry_backoff: float = field(default=0.25, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,10 @@ class BackendTimeout(BackendError):
     code = "backend_timeout"
 
 
+class BackendAuthFailed(BackendError):
+    """The backend refused the proxy's own credentials (its 401/403): another backend may do, asking again will not."""
+
+
 class BackendRejected(ProxyError):
     """The backend refused the request as invalid (its 4xx): the client's input, so not retryable."""
 

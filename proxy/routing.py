@@ -4,8 +4,11 @@ Order: the route's groups in turn (the model asked for, then its fallbacks).
 Within a group, backends that can take the request now come first, drawn at
 random with probability proportional to their health score (weight times health,
 shrunk by requests in flight); backends that are offline or in cooldown are only
-tried when nothing else is left. At most ``1 + routing.retries`` attempts, all
-within ``routing.deadline`` seconds.
+tried when nothing else is left. At most ``1 + routing.retries`` backends, all
+within ``routing.deadline`` seconds. When the route has no candidate left (one
+node serves the model, or every one was tried), a transient failure is retried
+on that same backend up to ``routing.retry_same`` times, after a jittered,
+doubling backoff that must fit in what remains of the deadline.
 
 Safe means: the failure is one another backend may not share (unreachable,
 busy, 5xx, timeout, model missing there) and nothing has reached the client
@@ -26,7 +29,16 @@ from typing import Literal
 from .admission import Slots
 from .backends import Reply, Stream
 from .config import RoutingConfig
-from .errors import BackendTimeout, BackendUnavailable, ModelNotFound, Overloaded, ProxyError, TemplateRejected
+from .errors import (
+    BackendAuthFailed,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelNotFound,
+    Overloaded,
+    ProxyError,
+    TemplateRejected,
+)
 from .health import BackendHealth
 from .resolve import Candidate, Route
 
@@ -41,6 +53,16 @@ class Outcome:
     candidate: Candidate
     attempts: int
     failures: list[str] = field(default_factory=list)  # what went wrong on the backends tried before
+
+
+def _transient(exc: ProxyError) -> bool:
+    """Worth asking the same backend again: it broke or was busy, it did not time out or refuse."""
+    return isinstance(exc, BackendError) and not isinstance(exc, (BackendTimeout, BackendAuthFailed))
+
+
+def _counted(exc: ProxyError, attempts: int) -> ProxyError:
+    exc.headers = {**(exc.headers or {}), "x-proxy-attempts": str(attempts)}
+    return exc
 
 
 class Router:
@@ -89,7 +111,8 @@ class Router:
         return sorted(order, key=lambda c: not self.slots[c.backend.name].has_room())  # stable: keeps the draw
 
     async def dispatch(self, route: Route, operation: Operation, body_for: Callable[[Candidate], dict]) -> Outcome:
-        plan = self.plan(route)[: 1 + self.config.retries]
+        everything = self.plan(route)
+        plan = everything[: 1 + self.config.retries]
         if not plan:  # every backend serving it is draining (being removed, or switching models)
             raise BackendUnavailable(
                 f"every backend serving {route.public!r} is draining; try again shortly",
@@ -97,32 +120,54 @@ class Router:
             )
         failures: list[str] = []
         failure: ProxyError | None = None
+        attempt = 0
+        index = 0  # into plan
+        again = 0  # retries of plan[index] itself
+        ends = time.monotonic() + self.config.deadline
         try:
             async with asyncio.timeout(self.config.deadline):
-                for attempt, candidate in enumerate(plan, 1):
+                while index < len(plan):
+                    candidate = plan[index]
+                    attempt += 1
                     try:
                         reply = await self._call(candidate, operation, body_for(candidate))
                     except ProxyError as exc:
                         if isinstance(exc, TemplateRejected):
                             exc.candidate = candidate  # the gateway learns the limit for this model
                         if not (exc.retryable or isinstance(exc, ModelNotFound)):
-                            raise
+                            raise _counted(exc, attempt)
                         failure = exc
                         failures.append(f"{candidate.backend.name}: {exc.message}")
-                        if attempt < len(plan):
+                        if index + 1 < len(plan):
                             log.info("failing over from %s: %s", candidate.backend.name, exc.message)
-                        continue
+                            index, again = index + 1, 0
+                            continue
+                        if again < self.config.retry_same and len(everything) == len(plan) and _transient(exc):
+                            # Nobody else can take it: a reset or a busy node often answers a moment later.
+                            again += 1
+                            pause = self._backoff(again)
+                            if time.monotonic() + pause < ends:
+                                log.info("retrying %s in %.2fs: %s", candidate.backend.name, pause, exc.message)
+                                await asyncio.sleep(pause)
+                                continue
+                        break
                     return Outcome(reply, candidate, attempt, failures)
         except TimeoutError:
-            raise BackendTimeout(
+            raise _counted(BackendTimeout(
                 f"no backend answered within routing.deadline ({self.config.deadline:g}s)"
                 + (f"; tried: {'; '.join(failures)}" if failures else "")
-            ) from None
+            ), attempt) from None  # fmt: skip
         assert failure is not None  # a route always has at least one candidate
         if isinstance(failure, Overloaded) or len(failures) < 2:
-            raise failure
-        failure.message = f"{failure.message} (tried {len(failures)} backends: {'; '.join(failures)})"
-        raise failure
+            raise _counted(failure, attempt)
+        tried = len({f.split(":", 1)[0] for f in failures})
+        what = f"tried {tried} backends" if tried == len(failures) else f"{len(failures)} attempts on {tried} backend(s)"
+        failure.message = f"{failure.message} ({what}: {'; '.join(failures)})"
+        raise _counted(failure, attempt)
+
+    def _backoff(self, retry: int) -> float:
+        """``retry_backoff`` doubling per retry, jittered by +-50% so clients failing together spread out."""
+        return self.config.retry_backoff * 2 ** (retry - 1) * (0.5 + self.rng.random())
 
     async def _call(self, candidate: Candidate, operation: Operation, body: dict) -> Reply:
         backend = candidate.backend

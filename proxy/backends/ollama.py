@@ -9,7 +9,7 @@ from datetime import datetime
 
 import orjson
 
-from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..errors import BackendAuthFailed, BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
 from ..translate import ollama_chat, ollama_text
 from ..translate.model_info import ModelInfo, from_ollama_show
 from ._http import UpstreamStatus
@@ -52,7 +52,7 @@ class OllamaBackend(HTTPBackend):
         if exc.status in (503, 429):  # Ollama's queue is full: another node may take it
             return BackendUnavailable(f"{where} is busy: {msg}")
         if exc.status in (401, 403):
-            return BackendError(f"{where} refused the proxy's credentials ({exc.status})")
+            return BackendAuthFailed(f"{where} refused the proxy's credentials ({exc.status})")
         if 400 <= exc.status < 500:
             param = next((p for hint, p in _PARAM_HINTS if hint in msg), None)
             return BackendRejected(f"{where} rejected the request: {msg}", param=param)

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError, TemplateRejected
+from ..errors import (
+    BackendAuthFailed,
+    BackendError,
+    BackendRejected,
+    BackendUnavailable,
+    ModelNotFound,
+    ProxyError,
+    TemplateRejected,
+)
 from ..translate.model_info import ModelInfo, from_openai_card
 from ..translate.passthrough import ModelRenamer, request_body
 from ._http import UpstreamStatus
@@ -43,7 +51,7 @@ class OpenAIBackend(HTTPBackend):
         if exc.status == 404 and ("model" in msg.lower() or param == "model"):
             return ModelNotFound(f"model {target!r} is not available on {where}: {msg}", param="model")
         if exc.status in (401, 403):  # the proxy's key for the backend is wrong: not the client's fault
-            return BackendError(f"{where} refused the proxy's credentials ({exc.status}); check its api_key")
+            return BackendAuthFailed(f"{where} refused the proxy's credentials ({exc.status}); check its api_key")
         if exc.status in (503, 429):
             return BackendUnavailable(f"{where} is busy: {msg}")
         if exc.status == 400 and (template := _template_complaint(msg)):
