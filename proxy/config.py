@@ -145,6 +145,9 @@ class ModelConfig:
     # Other public names (aliases or served model names) tried in order when no backend for
     # this one can take the request.
     fallback: tuple[str, ...] = ()
+    # Ollama: the largest num_ctx the proxy sets on its own for this model (context.max_num_ctx
+    # when unset). Larger windows cost memory and a reload, so a small GPU wants a low ceiling.
+    max_num_ctx: int | None = field(default=None, metadata=_check(_positive))
 
 
 TASK_TYPES = ("code_generation", "code_analysis", "reasoning", "general_chat", "planning",
@@ -195,6 +198,22 @@ class HealthConfig:
     max_cooldown: float = field(default=120.0, metadata=_check(_positive))
     # Over this share of errors among recent requests, a backend is degraded (and gets less).
     degraded_error_rate: float = field(default=0.2, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Ollama cuts prompts longer than its context window without a word; the proxy sizes num_ctx instead."""
+
+    # Raise num_ctx to fit the estimated prompt and the answer when a request sets none.
+    auto_num_ctx: bool = True
+    # The window Ollama uses when a request sets no num_ctx (2048 before Ollama 0.6, 4096 since,
+    # or OLLAMA_CONTEXT_LENGTH). Prompts that fit in it are sent untouched, so nothing reloads.
+    # A model whose Modelfile sets num_ctx uses that instead.
+    ollama_default: int = field(default=2048, metadata=_check(_positive))
+    # The largest num_ctx the proxy sets for any model without its own models[].max_num_ctx.
+    max_num_ctx: int = field(default=32768, metadata=_check(_positive))
+    # Tokens kept free for the answer when a request sets no max_tokens.
+    answer_reserve: int = field(default=1024, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -254,6 +273,7 @@ class Config:
     timeouts: TimeoutConfig = TimeoutConfig()
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
+    context: ContextConfig = ContextConfig()
     cache: CacheConfig = CacheConfig()
     history: HistoryConfig = HistoryConfig()
     metrics: MetricsConfig = MetricsConfig()

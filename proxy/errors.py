@@ -105,6 +105,16 @@ class ClientGone(ProxyError):
     code = "client_closed_request"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (plus the answer asked for) does not fit the model's context window.
+
+    Retryable in the routing sense only: another backend's copy of the model may have a larger window.
+    """
+
+    code = "context_length_exceeded"
+    retryable = True
+
+
 class UnsupportedParameter(InvalidRequest):
     """A parameter the chosen backend cannot honour: refused rather than silently dropped."""
 

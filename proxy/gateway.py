@@ -31,6 +31,8 @@ from .middleware import bearer_token
 from .resolve import Candidate, Resolver, Route
 from .routing import Operation, Outcome, Router
 from .streaming import DisconnectWatch, SSEResponse, read_json
+from .translate import num_ctx
+from .translate.num_ctx import Sizing
 
 _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
     "chat": validate.chat,
@@ -50,6 +52,7 @@ def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
     ]
     if outcome.candidate.alias is not None:
         headers.append((b"x-proxy-alias", outcome.candidate.alias.name.encode()))
+    headers += outcome.headers
     return headers
 
 
@@ -174,28 +177,43 @@ class Gateway:
         return response
 
     async def _dispatch(self, route: Route, operation: Operation, body: dict) -> Outcome:
+        sizes: dict[tuple[str, str], Sizing | None] = {}
         try:
-            return await self.router.dispatch(route, operation, self._preparer(body, operation))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes))
         except TemplateRejected as exc:
             # The template refused the roles: remember it for this model, adapt, try once more.
             candidate = exc.candidate
             self.catalog.learn(candidate.backend.name, candidate.model, system_role=exc.system_role,
                                alternation=exc.alternation)  # fmt: skip
-            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes))
             outcome.attempts += 1
-            return outcome
+        sizing = sizes.get((outcome.candidate.backend.name, outcome.candidate.model))
+        if sizing is not None:
+            outcome.headers += sizing.headers()
+        return outcome
 
-    def _preparer(self, body: dict, operation: Operation) -> Callable[[Candidate], dict]:
-        """Per candidate, the body adapted to its model's template and defaults (computed once per model)."""
+    def _preparer(self, body: dict, operation: Operation,
+                  sizes: dict[tuple[str, str], Sizing | None]) -> Callable[[Candidate], dict]:  # fmt: skip
+        """Per candidate, the body adapted to its model's template and defaults (computed once per model),
+        and for Ollama its context window sized to the prompt (recorded in ``sizes``)."""
         if operation == "embeddings":
             return lambda candidate: body
         prepared: dict[ModelConfig | None, dict] = {}
+        fitted: dict[tuple[str, str], dict] = {}
 
         def prepare(candidate: Candidate) -> dict:
             model = self._effective_model(candidate)
             if model not in prepared:
                 prepared[model] = adapt_request(body, model) if needs_adapting(model) else body
-            return prepared[model]
+            config = getattr(candidate.backend, "config", None)
+            if config is None or config.kind != "ollama":
+                return prepared[model]
+            key = (candidate.backend.name, candidate.model)
+            if key not in fitted:
+                info = self.catalog.model_info(*key)
+                ceiling = candidate.alias.max_num_ctx if candidate.alias is not None else None
+                fitted[key], sizes[key] = num_ctx.fit(prepared[model], operation, info, ceiling, self.config.context)
+            return fitted[key]
 
         return prepare
 

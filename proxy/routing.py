@@ -53,6 +53,7 @@ class Outcome:
     candidate: Candidate
     attempts: int
     failures: list[str] = field(default_factory=list)  # what went wrong on the backends tried before
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # what the gateway decided for it
 
 
 def _transient(exc: ProxyError) -> bool:
