@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import validate
+from . import usage, validate
 from .adapt import adapt_request, needs_adapting
 from .backends import Stream
 from .caching import Caching
@@ -33,6 +33,7 @@ from .routing import Operation, Outcome, Router
 from .streaming import DisconnectWatch, SSEResponse, read_json
 from .translate import num_ctx
 from .translate.num_ctx import Sizing
+from .usage import UsageTap
 
 _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
     "chat": validate.chat,
@@ -75,6 +76,8 @@ class Gateway:
     history: History
     metrics: Metrics
     caching: Caching
+    # Per OpenAI-compatible backend: did its last complete stream carry usage? (X-Proxy-Usage)
+    usage_sources: dict[str, bool] = field(default_factory=dict)
 
     async def generate(self, request: Request, operation: Operation) -> Response | SSEResponse:
         exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
@@ -117,7 +120,9 @@ class Gateway:
             frames = outcome.reply.frames
             if store:
                 frames = self.caching.storing(lookup, route, frames)  # type: ignore[arg-type]
-            return SSEResponse(exchange.counting(frames), headers, on_done=exchange.close)
+            frames, usage_source = self._tapped(frames, outcome.candidate, operation, body, exchange)
+            headers.append((b"x-proxy-usage", usage_source))
+            return SSEResponse(frames, headers, on_done=exchange.close)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
@@ -125,6 +130,25 @@ class Gateway:
         response = Response(outcome.reply, media_type="application/json")
         response.raw_headers.extend(headers)
         return response
+
+    def _tapped(self, frames, candidate: Candidate, operation: Operation, body: dict,
+                exchange: Exchange) -> tuple[AsyncIterator[bytes], bytes]:  # fmt: skip
+        """The stream with usage guaranteed where the client asked for it, and where its numbers come from."""
+        config = getattr(candidate.backend, "config", None)
+        kind = config.kind if config is not None else "openai"
+        name = candidate.backend.name
+        tap = UsageTap(
+            client_wants=bool((body.get("stream_options") or {}).get("include_usage")),
+            count=kind not in ("ollama", "vllm"),  # those always send usage when asked
+            prompt_estimate=lambda: num_ctx.estimate(body, operation),
+        )
+
+        def learn(tap: UsageTap) -> None:
+            if tap.count and tap.finished:
+                self.usage_sources[name] = tap.usage is not None
+
+        source = usage.source(kind, self.usage_sources.get(name))
+        return exchange.counting(usage.tapped(frames, tap, learn), tap), source
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
                     exchange: Exchange) -> Response | SSEResponse:  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -93,6 +94,8 @@ class OllamaBackend(HTTPBackend):
         native, shape = ollama_chat.chat_request(body, target)
         lines = self._lines("/api/chat", native, target)
         if body.get("stream"):
+            # Ollama always reports usage: frame it always, the gateway drops it if the client did not ask.
+            shape = dataclasses.replace(shape, include_usage=True)
             return await primed(self._frames(lines, ollama_chat.ChatStream(shape)))
         return await self._collect(lines, ollama_chat.ChatAggregate(shape))
 
@@ -100,6 +103,7 @@ class OllamaBackend(HTTPBackend):
         native, shape = ollama_text.completion_request(body, target)
         lines = self._lines("/api/generate", native, target)
         if body.get("stream"):
+            shape = dataclasses.replace(shape, include_usage=True)
             return await primed(self._frames(lines, ollama_text.TextStream(shape)))
         return await self._collect(lines, ollama_text.TextAggregate(shape))
 

@@ -62,6 +62,12 @@ class OpenAIBackend(HTTPBackend):
 
     async def _send(self, path: str, body: dict, target: str) -> Reply:
         renamer = ModelRenamer(target, body["model"])
+        if body.get("stream"):
+            # Usage for every stream, so history and metrics have it; the gateway drops the usage
+            # chunk again when the client did not ask (proxy/usage.py).
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            if not options.get("include_usage"):
+                body = {**body, "stream_options": {**options, "include_usage": True}}
         payload = request_body(body, target)
         try:
             resp = await self.http.post(path, payload, stream=bool(body.get("stream")))

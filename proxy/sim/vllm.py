@@ -65,8 +65,11 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
         port: int = 0,
         version: str = "0.11.0",
         embedding_dim: int = 768,
+        stream_usage: bool = True,
     ) -> None:
         self.model = model
+        # False: ignore stream_options.include_usage, as llama.cpp's server does (no usage chunk).
+        self.stream_usage = stream_usage
         self.served_model_names = list(served_model_names or [model])
         self.api_key = api_key
         self.supports_system_role = supports_system_role
@@ -204,7 +207,7 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
 
     def _usage_flags(self, body: dict) -> tuple[bool, bool]:
         options = body.get("stream_options")
-        if not isinstance(options, dict) or not body.get("stream"):
+        if not isinstance(options, dict) or not body.get("stream") or not self.stream_usage:
             return False, False
         include = options.get("include_usage", True) is not False  # defaults to true once the object is sent
         return include, include and bool(options.get("continuous_usage_stats"))

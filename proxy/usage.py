@@ -1,0 +1,154 @@
+"""Token usage for every stream, whether or not the client or the backend thought of it.
+
+The proxy asks every backend for usage on every stream (Ollama always reports
+it; OpenAI-compatible servers get ``stream_options.include_usage``), so history
+and the token metrics have numbers for every request. On the way to the client,
+:class:`UsageTap`:
+
+- takes the usage chunk, and drops it when the client did not ask for one
+  (``stream_options.include_usage``), so the client sees what it asked for;
+- when the client asked and the backend sent none (llama.cpp's server does not),
+  adds one before ``data: [DONE]``, counted: one completion token per content
+  chunk (true of vLLM and llama.cpp, which send a chunk per token) and the
+  prompt estimated like the context window (:mod:`proxy.tokens`).
+
+Counting costs a byte search per chunk, so it only runs where a backend may
+leave usage out. ``X-Proxy-Usage`` tells the client, before the stream starts,
+where the numbers come from: ``backend``; ``counted`` (this backend has been
+seen to send none); or ``backend-or-counted`` (not known yet for this backend).
+No field inside the usage object says so: strict clients reject unknown fields.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+
+_USAGE = re.compile(rb'"usage": ?\{')
+# A delta or text with at least one character: one per token for servers that stream token by token.
+_PIECE = re.compile(rb'"(?:content|text|reasoning_content)": ?"(?!")')
+
+BACKEND, COUNTED, EITHER = b"backend", b"counted", b"backend-or-counted"
+
+
+def source(kind: str, sends_usage: bool | None) -> bytes:
+    """The ``X-Proxy-Usage`` value for a stream from a backend of ``kind`` (what it did last time, if known)."""
+    if kind in ("ollama", "vllm") or sends_usage:
+        return BACKEND
+    return COUNTED if sends_usage is False else EITHER
+
+
+class UsageTap:
+    """Watches one OpenAI-shaped SSE stream; see the module docs. Feed it frames, yield what it returns."""
+
+    def __init__(self, client_wants: bool, count: bool, prompt_estimate: Callable[[], int]) -> None:
+        self.client_wants = client_wants
+        self.count = count  # the backend may send no usage: count pieces as they pass
+        self.prompt_estimate = prompt_estimate
+        self.usage: dict | None = None  # the backend's
+        self.counted: dict | None = None  # ours, when the backend sent none
+        self.pieces = 0
+        self._template: bytes | None = None  # a chunk's id/created/model, for the chunk we add
+        self._pending = b""
+        self.finished = False  # [DONE] went by: the backend had its chance to send usage
+
+    @property
+    def tokens(self) -> tuple[int | None, int | None]:
+        usage = self.usage or self.counted
+        if not isinstance(usage, dict):
+            return None, None
+        return usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+    def feed(self, frame: bytes) -> bytes:
+        if self._pending:
+            frame, self._pending = self._pending + frame, b""
+        if not frame.endswith(b"\n\n"):  # a partial event waits for the rest (a client can't use half of one)
+            if b"\r" in frame:
+                frame = frame.replace(b"\r\n", b"\n")
+            cut = frame.rfind(b"\n\n") + 2
+            frame, self._pending = frame[:cut], frame[cut:]
+            if not frame:
+                return b""
+        if self._template is None and frame.startswith(b"data: {"):
+            self._template = frame
+        if not (b"usage" in frame or b"[DONE]" in frame):
+            if self.count:
+                self.pieces += len(_PIECE.findall(frame))
+            return frame
+        # The end of the stream, or usage, is in this frame: work event by event.
+        out = []
+        for event in frame.split(b"\n\n"):
+            if not event:
+                continue
+            if event.startswith(b"data: [DONE]"):
+                self.finished = True
+                if self.usage is None:
+                    chunk = self._counted_chunk()  # history and metrics get it either way
+                    if self.client_wants:
+                        out.append(chunk)
+                out.append(event + b"\n\n")
+                continue
+            if _USAGE.search(event) and event.startswith(b"data: {"):
+                usage = self._usage_of(event)
+                if usage is not None:
+                    self.usage = usage
+                    if not self._only_usage(event) or self.client_wants:
+                        out.append(event + b"\n\n")
+                    continue
+            if self.count:
+                self.pieces += len(_PIECE.findall(event))
+            out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+    @staticmethod
+    def _usage_of(event: bytes) -> dict | None:
+        try:
+            usage = orjson.loads(event[6:]).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+        return usage if isinstance(usage, dict) else None
+
+    @staticmethod
+    def _only_usage(event: bytes) -> bool:
+        """The trailing usage chunk (``choices: []``), as opposed to usage riding on a content chunk."""
+        try:
+            return not orjson.loads(event[6:]).get("choices")
+        except (orjson.JSONDecodeError, AttributeError):
+            return False
+
+    def _counted_chunk(self) -> bytes:
+        prompt = self.prompt_estimate()
+        self.counted = {"prompt_tokens": prompt, "completion_tokens": self.pieces,
+                        "total_tokens": prompt + self.pieces}  # fmt: skip
+        head: dict = {}
+        if self._template is not None:
+            try:
+                chunk = orjson.loads(self._template.split(b"\n\n", 1)[0][6:])
+                head = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                head = {}
+        return b"data: " + orjson.dumps({**head, "choices": [], "usage": self.counted}) + b"\n\n"
+
+
+async def tapped(frames: AsyncIterator[bytes], tap: UsageTap,
+                 on_end: Callable[[UsageTap], None] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+    try:
+        async for frame in frames:
+            out = tap.feed(frame)
+            if out:
+                yield out
+        rest = tap.flush()
+        if rest:
+            yield rest
+    finally:
+        await frames.aclose()  # type: ignore[attr-defined]
+    if on_end is not None:
+        on_end(tap)
+
+
