@@ -186,6 +186,16 @@ class RoutingConfig:
     # at `retry_backoff` seconds and doubles. Single-node setups would otherwise fail at once.
     retry_same: int = field(default=2, metadata=_check(_non_negative))
     retry_backoff: float = field(default=0.25, metadata=_check(_non_negative))
+    # A node that must first load the model (Ollama, by /api/ps) only gets requests while every
+    # node where it is loaded has this many in flight (or no free max_concurrent slot).
+    cold_after_in_flight: int = field(default=4, metadata=_check(_positive))
+    # Prefix affinity: requests of one conversation (same `user`, else the same first messages)
+    # go to the backend that answered it before, while it is healthy and not overloaded, so its
+    # prefix cache is reused. Off by default; the table is an LRU of `affinity_size` entries,
+    # each forgotten `affinity_ttl` seconds after its last use.
+    affinity: bool = False
+    affinity_size: int = field(default=10_000, metadata=_check(_positive))
+    affinity_ttl: float = field(default=600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -198,6 +208,9 @@ class HealthConfig:
     max_cooldown: float = field(default=120.0, metadata=_check(_positive))
     # Over this share of errors among recent requests, a backend is degraded (and gets less).
     degraded_error_rate: float = field(default=0.2, metadata=_check(_non_negative))
+    # Load signals (vLLM /metrics, Ollama /api/ps) are read every round, and for a backend with
+    # requests in flight also when a request finds them older than this many seconds.
+    signals_interval: float = field(default=2.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

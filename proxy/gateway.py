@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import usage, validate
 from .adapt import adapt_request, needs_adapting
+from .affinity import conversation_key
 from .backends import Stream
 from .caching import Caching
 from .catalog import Catalog
@@ -50,6 +51,7 @@ def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
         (b"x-proxy-backend", outcome.candidate.backend.name.encode()),
         (b"x-proxy-model", outcome.candidate.model.encode()),
         (b"x-proxy-attempts", str(outcome.attempts).encode()),
+        (b"x-proxy-route-reason", outcome.reason.encode()),
     ]
     if outcome.candidate.alias is not None:
         headers.append((b"x-proxy-alias", outcome.candidate.alias.name.encode()))
@@ -202,14 +204,16 @@ class Gateway:
 
     async def _dispatch(self, route: Route, operation: Operation, body: dict) -> Outcome:
         sizes: dict[tuple[str, str], Sizing | None] = {}
+        wanted = self.router.affinity is not None and operation != "embeddings"
+        conversation = conversation_key(route.public, body) if wanted else None
         try:
-            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes), conversation)
         except TemplateRejected as exc:
             # The template refused the roles: remember it for this model, adapt, try once more.
             candidate = exc.candidate
             self.catalog.learn(candidate.backend.name, candidate.model, system_role=exc.system_role,
                                alternation=exc.alternation)  # fmt: skip
-            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes), conversation)
             outcome.attempts += 1
         sizing = sizes.get((outcome.candidate.backend.name, outcome.candidate.model))
         if sizing is not None:

@@ -11,6 +11,7 @@ from datetime import datetime
 import orjson
 
 from ..errors import BackendAuthFailed, BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..signals import Load, parse_ollama_ps
 from ..translate import ollama_chat, ollama_text
 from ..translate.model_info import ModelInfo, from_ollama_show
 from ._http import UpstreamStatus
@@ -137,6 +138,14 @@ class OllamaBackend(HTTPBackend):
         except UpstreamStatus as exc:
             raise BackendError(f"backend {self.name!r} answered /api/version with {exc.status}") from None
         return answer.get("version") if isinstance(answer, dict) else None
+
+    async def load_signals(self) -> tuple[Load | None, dict[str, float] | None]:
+        """Which models are loaded here, until when (``/api/ps``); Ollama reports no queue."""
+        try:
+            ps = await self.http.get_json("/api/ps")
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered /api/ps with {exc.status}") from None
+        return None, {normalize(name): until for name, until in parse_ollama_ps(ps).items()}
 
     async def describe(self, model: ServedModel) -> ModelInfo:
         try:

@@ -6,6 +6,7 @@ but for the model name. Stream chunks are forwarded as they arrive.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -18,6 +19,7 @@ from ..errors import (
     ProxyError,
     TemplateRejected,
 )
+from ..signals import Load, parse_vllm_metrics
 from ..translate.model_info import ModelInfo, from_openai_card
 from ..translate.passthrough import ModelRenamer, request_body
 from ._http import UpstreamStatus
@@ -119,6 +121,17 @@ class OpenAIBackend(HTTPBackend):
         except UpstreamStatus as exc:
             raise BackendError(f"backend {self.name!r} answered {path} with {exc.status}") from None
         return None
+
+    async def load_signals(self) -> tuple[Load | None, dict[str, float] | None]:
+        """vLLM's queue and KV cache from its Prometheus ``/metrics``; other servers report nothing we read."""
+        if self.config.kind != "vllm":
+            return None, None
+        # A text answer, which Upstream.small (JSON only) does not read; its error mapping still applies.
+        async with self.http._mapped("requesting /metrics"), asyncio.timeout(self.http.timeouts.connect * 2):
+            resp = await self.http.client.get("/metrics")
+        if resp.status_code >= 300:
+            raise BackendError(f"backend {self.name!r} answered /metrics with {resp.status_code}")
+        return parse_vllm_metrics(resp.text), None
 
     async def describe(self, model: ServedModel) -> ModelInfo:
         return from_openai_card(model.details)

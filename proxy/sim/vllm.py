@@ -66,8 +66,14 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
         version: str = "0.11.0",
         embedding_dim: int = 768,
         stream_usage: bool = True,
+        max_num_seqs: int = 256,
     ) -> None:
         self.model = model
+        # /metrics: generations beyond max_num_seqs count as waiting; `extra_waiting` and
+        # `kv_cache_usage` (None: running / max_num_seqs) let a test script another client's load.
+        self.max_num_seqs = max_num_seqs
+        self.extra_waiting = 0
+        self.kv_cache_usage: float | None = None
         # False: ignore stream_options.include_usage, as llama.cpp's server does (no usage chunk).
         self.stream_usage = stream_usage
         self.served_model_names = list(served_model_names or [model])
@@ -106,6 +112,7 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
             Route("/health", self._health, methods=["GET"]),
             Route("/ping", self._health, methods=["GET", "POST"]),
             Route("/version", self._version, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
             Route("/v1/models", self._list_models, methods=["GET"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -132,6 +139,23 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
 
     async def _health(self, request: Request) -> Response:
         return Response(status_code=200)
+
+    async def _metrics(self, request: Request) -> Response:
+        """The load gauges of vLLM's Prometheus endpoint (v1 engine names and labels), live."""
+        active = self.active
+        running = min(active, self.max_num_seqs)
+        waiting = max(0, active - self.max_num_seqs) + self.extra_waiting
+        kv = self.kv_cache_usage if self.kv_cache_usage is not None else running / self.max_num_seqs
+        labels = f'{{engine="0",model_name="{self.model}"}}'
+        gauges = (
+            ("num_requests_running", "Number of requests in model execution batches.", running),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", waiting),
+            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv),
+        )
+        lines = []
+        for name, help_text, value in gauges:
+            lines += [f"# HELP vllm:{name} {help_text}", f"# TYPE vllm:{name} gauge", f"vllm:{name}{labels} {float(value)}"]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _version(self, request: Request) -> Response:
         return ORJSONResponse({"version": self.version})
