@@ -56,6 +56,7 @@ class AffinityTable:
         if time.monotonic() - used > self.ttl:
             del self._entries[key]
             return None
+        self._entries.move_to_end(key)  # recently asked for: the last to go (its time runs from its last answer)
         return backend
 
     def remember(self, key: str, backend: str) -> None:
