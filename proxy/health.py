@@ -139,7 +139,8 @@ class BackendHealth:
         slowest = max(_ratio(self.ttft, best_ttft), _ratio(self.per_token, best_per_token))
         if slowest > 2:
             health *= 2 / slowest  # much slower than the fastest peer, measured the same way
-        busy = max(self.in_flight, self.signals.load.running + self.signals.load.waiting) if self.signals.load else self.in_flight
+        load = self.signals.load
+        busy = max(self.in_flight, load.running + load.waiting) if load is not None else self.in_flight
         return self.weight * max(health, 0.01) / (1 + busy / self.weight)
 
     def snapshot(self) -> dict:

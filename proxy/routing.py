@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .admission import Slots
+from .affinity import AffinityTable
 from .backends import Reply, Stream
 from .config import RoutingConfig
 from .errors import (
@@ -39,7 +40,6 @@ from .errors import (
     ProxyError,
     TemplateRejected,
 )
-from .affinity import AffinityTable
 from .health import BackendHealth, read_signals
 from .resolve import Candidate, Route
 
@@ -156,7 +156,7 @@ class Router:
         pressure = {id(c): self._pressure(c) for c in lead}
         if len(set(pressure.values())) > 1:
             lead.sort(key=lambda c: pressure[id(c)])
-            order = lead + order[len(lead):]
+            order = lead + order[len(lead) :]
             reason = "shortest-queue"
         if sticky is not None:
             for i, c in enumerate(order):
@@ -216,7 +216,8 @@ class Router:
                         if isinstance(exc, TemplateRejected):
                             exc.candidate = candidate  # the gateway learns the limit for this model
                         if not (exc.retryable or isinstance(exc, ModelNotFound)):
-                            raise _counted(exc, attempt)
+                            _counted(exc, attempt)
+                            raise
                         failure = exc
                         failures.append(f"{candidate.backend.name}: {exc.message}")
                         if index + 1 < len(plan):
@@ -245,7 +246,7 @@ class Router:
         if isinstance(failure, Overloaded) or len(failures) < 2:
             raise _counted(failure, attempt)
         tried = len({f.split(":", 1)[0] for f in failures})
-        what = f"tried {tried} backends" if tried == len(failures) else f"{len(failures)} attempts on {tried} backend(s)"
+        what = f"{len(failures)} attempts on {tried} backend(s)" if tried < len(failures) else f"tried {tried} backends"
         failure.message = f"{failure.message} ({what}: {'; '.join(failures)})"
         raise _counted(failure, attempt)
 

@@ -150,5 +150,3 @@ async def tapped(frames: AsyncIterator[bytes], tap: UsageTap,
         await frames.aclose()  # type: ignore[attr-defined]
     if on_end is not None:
         on_end(tap)
-
-

@@ -76,7 +76,10 @@ def test_fit_sets_num_ctx_and_keeps_the_clients_options():
     assert sized["options"] == {"temperature": 0.1, "num_ctx": 8192}
     assert sizing.num_ctx == 8192 and sizing.prompt_estimate == estimate_messages(body["messages"])
     assert "num_ctx" not in body["options"]  # the original body is not changed
-    assert sizing.headers() == [(b"x-proxy-num-ctx", b"8192"), (b"x-proxy-prompt-estimate", str(sizing.prompt_estimate).encode())]
+    assert sizing.headers() == [
+        (b"x-proxy-num-ctx", b"8192"),
+        (b"x-proxy-prompt-estimate", str(sizing.prompt_estimate).encode()),
+    ]
 
 
 def test_fit_leaves_alone_a_client_window_short_prompts_and_a_disabled_feature():
@@ -111,12 +114,21 @@ def test_the_refusal_is_openais_context_length_exceeded():
     assert body["param"] == "messages"
     assert body["message"].startswith("This model's maximum context length is 8192 tokens")
     with pytest.raises(ContextLengthExceeded) as info:
-        fit({"model": "m", "prompt": "word " * 9000}, "completion", ModelInfo(context_length=8192), None, ContextConfig())
+        fit(
+            {"model": "m", "prompt": "word " * 9000},
+            "completion",
+            ModelInfo(context_length=8192),
+            None,
+            ContextConfig(),
+        )
     assert info.value.param == "prompt"
 
 
 def test_the_modelfile_num_ctx_is_read_from_api_show():
-    show = {"parameters": 'stop                           "<|eot_id|>"\nnum_ctx                        8192', "model_info": {}}
+    show = {
+        "parameters": 'stop                           "<|eot_id|>"\nnum_ctx                        8192',
+        "model_info": {},
+    }
     assert from_ollama_show(show).num_ctx == 8192
     assert from_ollama_show({"parameters": "temperature 0.7"}).num_ctx is None
 

@@ -32,8 +32,9 @@ def test_the_real_server_sends_no_usage_but_the_proxy_adds_it(proxy, llamacpp): 
         direct = [orjson.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
     want = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
-    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=MSG, max_tokens=8, temperature=0,
-                                                           stream=True, stream_options={"include_usage": True})
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=MSG, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(raw.parse())
     if not any(c.get("usage") for c in direct):  # what this test is about; newer servers may send it
         assert raw.headers["x-proxy-usage"] in ("backend-or-counted", "counted")

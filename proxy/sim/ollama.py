@@ -308,12 +308,11 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
         if isinstance(fmt, str) and fmt not in ("", "json"):
             return error(400, 'invalid format: expected "json" or a valid JSON schema')
 
+        prompt_tokens = count_prompt_tokens([system, prompt, suffix], 2 if system else 1)
         reply = compose_reply(
             behavior,
             last_user=prompt,
-            prompt_tokens=self._in_window(
-                spec, model, body.get("options") or {}, count_prompt_tokens([system, prompt, suffix], 2 if system else 1)
-            ),
+            prompt_tokens=self._in_window(spec, model, body.get("options") or {}, prompt_tokens),
             thinking=thinking,
             json_mode=fmt == "json",
             json_schema=fmt if isinstance(fmt, dict) else None,

@@ -154,7 +154,8 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
         )
         lines = []
         for name, help_text, value in gauges:
-            lines += [f"# HELP vllm:{name} {help_text}", f"# TYPE vllm:{name} gauge", f"vllm:{name}{labels} {float(value)}"]
+            lines += [f"# HELP vllm:{name} {help_text}", f"# TYPE vllm:{name} gauge"]
+            lines.append(f"vllm:{name}{labels} {float(value)}")
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _version(self, request: Request) -> Response:
