@@ -36,6 +36,7 @@ State = Literal["online", "degraded", "offline"]
 _WINDOW = 50  # at most this many recent outcomes count towards the error rate ...
 _WINDOW_SECONDS = 60.0  # ... and only those of the last minute, so old trouble is forgiven
 _EWMA = 0.2  # weight of the newest latency sample
+_OUTLIER = 3.0  # a sample counts at most this many times the running average
 
 
 @dataclass
@@ -68,9 +69,9 @@ class BackendHealth:
         self.cooldown_until = 0.0
         self.proven = True
         if ttft is not None:
-            self.ttft = ttft if self.ttft is None else (1 - _EWMA) * self.ttft + _EWMA * ttft
+            self.ttft = _ewma(self.ttft, ttft)
         if per_token is not None:
-            self.per_token = per_token if self.per_token is None else (1 - _EWMA) * self.per_token + _EWMA * per_token
+            self.per_token = _ewma(self.per_token, per_token)
 
     def failed(self, reason: str) -> None:
         was = self.state
@@ -176,6 +177,17 @@ async def read_signals(backend, health: BackendHealth) -> None:
         signals.reported(load, loaded)
     finally:
         signals.refreshing = False
+
+
+def _ewma(average: float | None, sample: float) -> float:
+    """The running average with one more sample, which counts at most ``_OUTLIER`` times the average.
+
+    One very long prompt (a slow first token) or one odd answer then nudges the figure instead of
+    throwing the backend out of rotation; a backend that really got slower gets there in a few requests.
+    """
+    if average is None:
+        return sample
+    return (1 - _EWMA) * average + _EWMA * min(sample, _OUTLIER * average)
 
 
 def _ratio(value: float | None, best: float | None) -> float:

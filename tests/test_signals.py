@@ -180,6 +180,20 @@ def test_latency_is_compared_like_for_like():
     assert slow.score(0.05, None) < 0.2 * streaming.score(0.05, None)
 
 
+def test_one_very_long_prompt_does_not_push_a_node_out_of_rotation():
+    config = HealthConfig()
+    steady, unlucky = BackendHealth("steady", 1, config), BackendHealth("unlucky", 1, config)
+    for _ in range(5):
+        steady.succeeded(ttft=0.1)
+        unlucky.succeeded(ttft=0.1)
+    unlucky.succeeded(ttft=30.0)  # one 100k-token prompt took half a minute to its first token
+    assert unlucky.ttft < 0.15
+    assert unlucky.score(steady.ttft) == pytest.approx(steady.score(steady.ttft))  # under twice the best: no penalty
+    for _ in range(10):  # but a node that really got slow is found out within a few requests
+        unlucky.succeeded(ttft=3.0)
+    assert unlucky.score(steady.ttft) < 0.2 * steady.score(steady.ttft)
+
+
 # --- end to end ------------------------------------------------------------------------------------
 
 
