@@ -119,12 +119,13 @@ class Gateway:
         headers = [*_proxy_headers(outcome), _MISS, *exchange.headers()]
         store = lookup is not None and self.caching.storable(lookup, route, outcome)
         if isinstance(outcome.reply, Stream):
-            frames = outcome.reply.frames
+            frames, tap, usage_source = self._tapped(outcome.reply.frames, outcome.candidate, operation, body)
             if store:
                 frames = self.caching.storing(lookup, route, frames)  # type: ignore[arg-type]
-            frames, usage_source = self._tapped(frames, outcome.candidate, operation, body, exchange)
+            if not (body.get("stream_options") or {}).get("include_usage"):
+                frames = usage.dropped(frames)
             headers.append((b"x-proxy-usage", usage_source))
-            return SSEResponse(frames, headers, on_done=exchange.close)
+            return SSEResponse(exchange.counting(frames, tap), headers, on_done=exchange.close)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
@@ -133,14 +134,13 @@ class Gateway:
         response.raw_headers.extend(headers)
         return response
 
-    def _tapped(self, frames, candidate: Candidate, operation: Operation, body: dict,
-                exchange: Exchange) -> tuple[AsyncIterator[bytes], bytes]:  # fmt: skip
-        """The stream with usage guaranteed where the client asked for it, and where its numbers come from."""
+    def _tapped(self, frames, candidate: Candidate, operation: Operation,
+                body: dict) -> tuple[AsyncIterator[bytes], UsageTap, bytes]:  # fmt: skip
+        """The stream with a usage chunk guaranteed, its tap, and where the numbers come from."""
         config = getattr(candidate.backend, "config", None)
         kind = config.kind if config is not None else "openai"
         name = candidate.backend.name
         tap = UsageTap(
-            client_wants=bool((body.get("stream_options") or {}).get("include_usage")),
             count=kind not in ("ollama", "vllm"),  # those always send usage when asked
             prompt_estimate=lambda: num_ctx.estimate(body, operation),
         )
@@ -149,8 +149,7 @@ class Gateway:
             if tap.count and tap.finished:
                 self.usage_sources[name] = tap.usage is not None
 
-        source = usage.source(kind, self.usage_sources.get(name))
-        return exchange.counting(usage.tapped(frames, tap, learn), tap), source
+        return usage.tapped(frames, tap, learn), tap, usage.source(kind, self.usage_sources.get(name))
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
                     exchange: Exchange) -> Response | SSEResponse:  # fmt: skip

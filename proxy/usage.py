@@ -1,16 +1,18 @@
 """Token usage for every stream, whether or not the client or the backend thought of it.
 
 The proxy asks every backend for usage on every stream (Ollama always reports
-it; OpenAI-compatible servers get ``stream_options.include_usage``), so history
-and the token metrics have numbers for every request. On the way to the client,
-:class:`UsageTap`:
+it; OpenAI-compatible servers get ``stream_options.include_usage``), so history,
+the token metrics and the cache have numbers for every request. Two steps on
+the way to the client:
 
-- takes the usage chunk, and drops it when the client did not ask for one
-  (``stream_options.include_usage``), so the client sees what it asked for;
-- when the client asked and the backend sent none (llama.cpp's server does not),
-  adds one before ``data: [DONE]``, counted: one completion token per content
-  chunk (true of vLLM and llama.cpp, which send a chunk per token) and the
-  prompt estimated like the context window (:mod:`proxy.tokens`).
+- :class:`UsageTap`, right after the backend, takes the usage chunk; when the
+  backend sent none (llama.cpp's server does not), it adds one before
+  ``data: [DONE]``, counted: one completion token per content chunk (true of
+  vLLM and llama.cpp, which send a chunk per token) and the prompt estimated
+  like the context window (:mod:`proxy.tokens`). The cache stores that stream,
+  so a replay has usage too.
+- :func:`dropped`, last, takes the usage chunk out again for a client that did
+  not ask for it (``stream_options.include_usage``): it sees what it asked for.
 
 Counting costs a byte search per chunk, so it only runs where a backend may
 leave usage out. ``X-Proxy-Usage`` tells the client, before the stream starts,
@@ -43,8 +45,7 @@ def source(kind: str, sends_usage: bool | None) -> bytes:
 class UsageTap:
     """Watches one OpenAI-shaped SSE stream; see the module docs. Feed it frames, yield what it returns."""
 
-    def __init__(self, client_wants: bool, count: bool, prompt_estimate: Callable[[], int]) -> None:
-        self.client_wants = client_wants
+    def __init__(self, count: bool, prompt_estimate: Callable[[], int]) -> None:
         self.count = count  # the backend may send no usage: count pieces as they pass
         self.prompt_estimate = prompt_estimate
         self.usage: dict | None = None  # the backend's
@@ -85,18 +86,13 @@ class UsageTap:
             if event.startswith(b"data: [DONE]"):
                 self.finished = True
                 if self.usage is None:
-                    chunk = self._counted_chunk()  # history and metrics get it either way
-                    if self.client_wants:
-                        out.append(chunk)
+                    out.append(self._counted_chunk())
                 out.append(event + b"\n\n")
                 continue
             if _USAGE.search(event) and event.startswith(b"data: {"):
                 usage = self._usage_of(event)
                 if usage is not None:
                     self.usage = usage
-                    if not self._only_usage(event) or self.client_wants:
-                        out.append(event + b"\n\n")
-                    continue
             if self.count:
                 self.pieces += len(_PIECE.findall(event))
             out.append(event + b"\n\n")
@@ -113,14 +109,6 @@ class UsageTap:
         except (orjson.JSONDecodeError, AttributeError):
             return None
         return usage if isinstance(usage, dict) else None
-
-    @staticmethod
-    def _only_usage(event: bytes) -> bool:
-        """The trailing usage chunk (``choices: []``), as opposed to usage riding on a content chunk."""
-        try:
-            return not orjson.loads(event[6:]).get("choices")
-        except (orjson.JSONDecodeError, AttributeError):
-            return False
 
     def _counted_chunk(self) -> bytes:
         prompt = self.prompt_estimate()
@@ -150,3 +138,29 @@ async def tapped(frames: AsyncIterator[bytes], tap: UsageTap,
         await frames.aclose()  # type: ignore[attr-defined]
     if on_end is not None:
         on_end(tap)
+
+
+def _only_usage(event: bytes) -> bool:
+    """The trailing usage chunk (``choices: []``), as opposed to usage riding on a content chunk."""
+    if not (event.startswith(b"data: {") and _USAGE.search(event)):
+        return False
+    try:
+        return not orjson.loads(event[6:]).get("choices")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+
+
+async def dropped(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream without its trailing usage chunk, for a client that did not ask for one.
+
+    Frames arrive whole events at a time (:class:`UsageTap` aligns them), so only a frame
+    that mentions usage is split.
+    """
+    try:
+        async for frame in frames:
+            if b"usage" in frame:
+                frame = b"".join(e + b"\n\n" for e in frame.split(b"\n\n") if e and not _only_usage(e))
+            if frame:
+                yield frame
+    finally:
+        await frames.aclose()  # type: ignore[attr-defined]

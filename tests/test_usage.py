@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import openai
 import orjson
 import pytest
 
 from proxy.sim import Behavior, SimOllama, SimVLLM
-from proxy.usage import UsageTap, source
+from proxy.usage import UsageTap, dropped, source
 from tests.support import ollama_models, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -37,7 +39,7 @@ def _run(tap: UsageTap, frames: list[bytes]) -> list[dict | str]:
 
 
 def test_a_missing_usage_chunk_is_counted_and_added_before_done():
-    tap = UsageTap(client_wants=True, count=True, prompt_estimate=lambda: 12)
+    tap = UsageTap(count=True, prompt_estimate=lambda: 12)
     events = _run(tap, [_chunk(""), _chunk("one"), _chunk(" two"), _chunk(" three"), _chunk(None), _DONE])
     assert events[-1] == "[DONE]"
     added = events[-2]
@@ -48,21 +50,36 @@ def test_a_missing_usage_chunk_is_counted_and_added_before_done():
 
 def test_events_split_across_frames_are_handled():
     whole = _chunk("one") + _chunk(" two") + _DONE
-    tap = UsageTap(client_wants=True, count=True, prompt_estimate=lambda: 1)
+    tap = UsageTap(count=True, prompt_estimate=lambda: 1)
     events = _run(tap, [whole[:10], whole[10:50], whole[50:-5], whole[-5:]])
     assert [e["choices"][0]["delta"]["content"] for e in events[:2]] == ["one", " two"]
     assert events[2]["usage"]["completion_tokens"] == 2 and events[3] == "[DONE]"
 
 
-def test_the_backends_usage_is_kept_from_a_client_that_did_not_ask_but_still_counted():
-    tap = UsageTap(client_wants=False, count=False, prompt_estimate=lambda: 99)
+def test_the_backends_usage_is_taken_not_estimated():
+    tap = UsageTap(count=False, prompt_estimate=lambda: 99)
     events = _run(tap, [_chunk("a"), _USAGE_CHUNK + _DONE])
-    assert events == [events[0], "[DONE]"]  # no usage chunk for the client
+    assert [e if isinstance(e, str) else e.get("usage") for e in events[1:]] == [
+        {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}, "[DONE]"]  # fmt: skip
     assert tap.tokens == (7, 3)  # the backend's numbers, not an estimate
 
 
+def test_a_client_that_did_not_ask_gets_no_usage_chunk():
+    continuous = _chunk("b", usage={"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9})
+
+    async def run() -> bytes:
+        async def frames():
+            for frame in (_chunk("a"), continuous, _USAGE_CHUNK + _DONE):
+                yield frame
+
+        return b"".join([f async for f in dropped(frames())])
+
+    out = asyncio.run(run())
+    assert out == _chunk("a") + continuous + _DONE  # only the trailing usage chunk goes
+
+
 def test_a_client_that_asked_gets_the_backends_own_chunk():
-    tap = UsageTap(client_wants=True, count=True, prompt_estimate=lambda: 99)
+    tap = UsageTap(count=True, prompt_estimate=lambda: 99)
     events = _run(tap, [_chunk("a"), _USAGE_CHUNK, _DONE])
     assert events[1]["usage"]["prompt_tokens"] == 7 and events[2] == "[DONE]"
     assert len(events) == 3
@@ -70,7 +87,7 @@ def test_a_client_that_asked_gets_the_backends_own_chunk():
 
 def test_usage_on_content_chunks_stays_there():
     continuous = _chunk("a", usage={"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8})
-    tap = UsageTap(client_wants=False, count=False, prompt_estimate=lambda: 0)
+    tap = UsageTap(count=False, prompt_estimate=lambda: 0)
     events = _run(tap, [continuous, _DONE])
     assert events[0]["usage"]["completion_tokens"] == 1  # part of a content chunk: not removed
     assert tap.tokens == (7, 1)
@@ -190,3 +207,22 @@ def test_completions_streams_get_usage_too(proxy, client):
         chunks = list(client.completions.create(model=model, prompt="hello there", stream=True,
                                                 stream_options={"include_usage": True}))  # fmt: skip
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5, model
+
+
+def test_a_cached_stream_from_a_backend_without_usage_replays_with_usage(sims):
+    _, _, llamacpp = sims
+    llamacpp.behavior = Behavior(reply=REPLY)
+    config = {
+        "backends": [{"name": "llamacpp", "kind": "openai", "url": llamacpp.url}],
+        "models": [{"name": "cpp", "target": "tiny"}],
+    }
+    with running_proxy(config) as server:
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+            first = list(client.chat.completions.create(model="cpp", messages=MSG, stream=True, temperature=0))
+            raw = client.chat.completions.with_raw_response.create(
+                model="cpp", messages=MSG, stream=True, temperature=0, stream_options={"include_usage": True}
+            )
+            replayed = list(raw.parse())
+    assert all(c.usage is None for c in first)
+    assert raw.headers["x-cache"] == "HIT"
+    assert replayed[-1].usage is not None and replayed[-1].usage.completion_tokens == 5
