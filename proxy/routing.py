@@ -150,7 +150,7 @@ class Router:
             warmth = dict.fromkeys(warmth, 1)
         room = {id(c): not self.slots[c.backend.name].has_room() for c in order}
         order.sort(key=lambda c: (warmth[id(c)], room[id(c)]))  # stable: keeps the draw among equals
-        if len(set(warmth.values())) > 1:
+        if len(set(warmth.values())) > 1 and warmth[id(order[0])] == 0:
             reason = "loaded"
         lead = [c for c in order if (warmth[id(c)], room[id(c)]) == (warmth[id(order[0])], room[id(order[0])])]
         pressure = {id(c): self._pressure(c) for c in lead}
