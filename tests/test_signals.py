@@ -324,3 +324,34 @@ def test_status_shows_the_signals_per_backend(fleet):
     assert set(signals) >= {"requests_running", "requests_waiting", "kv_cache_usage", "loaded_models", "age_seconds"}
     assert signals["loaded_models"] is None  # vLLM does not list loaded models: it serves one
     assert signals["age_seconds"] is not None and signals["error"] is None
+
+
+def test_the_simulators_command_line_sets_the_new_knobs():
+    from proxy.sim.__main__ import _parser, build
+
+    vllm = build(_parser().parse_args(["vllm", "--no-stream-usage", "--max-num-seqs", "1", "--port", "0"]))
+    assert (vllm.stream_usage, vllm.max_num_seqs) == (False, 1)
+    ollama = build(_parser().parse_args(["ollama", "--num-ctx", "2048", "--port", "0"]))
+    assert ollama.num_ctx == 2048
+
+
+def test_the_simulated_vllm_counts_generations_beyond_max_num_seqs_as_waiting():
+    with SimVLLM(model="qwen", max_num_seqs=1, behavior=Behavior(ttft=0.5)) as sim:
+
+        async def two_and_look():
+            async with httpx.AsyncClient(timeout=10) as http:
+                body = {"model": "qwen", "messages": MSG}
+                calls = [
+                    asyncio.ensure_future(http.post(f"{sim.url}/v1/chat/completions", json=body)) for _ in range(2)
+                ]
+                seen = None
+                for _ in range(200):
+                    seen = parse_vllm_metrics((await http.get(f"{sim.url}/metrics")).text)
+                    if seen.running == 1 and seen.waiting == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.gather(*calls)
+                return seen
+
+        seen = asyncio.run(two_and_look())
+    assert seen == Load(running=1, waiting=1, kv_cache=1.0)
