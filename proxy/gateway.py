@@ -44,6 +44,7 @@ _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
 
 
 _MISS = (b"x-cache", b"MISS")
+_TOKENIZE_WAIT = 0.5  # seconds the end of a stream may wait for the server's count of the prompt
 
 
 def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
@@ -140,16 +141,31 @@ class Gateway:
         config = getattr(candidate.backend, "config", None)
         kind = config.kind if config is not None else "openai"
         name = candidate.backend.name
-        tap = UsageTap(
-            count=kind not in ("ollama", "vllm"),  # those always send usage when asked
-            prompt_estimate=lambda: num_ctx.estimate(body, operation),
-        )
+        count = kind not in ("ollama", "vllm")  # those always send usage when asked
+        counter = getattr(candidate.backend, "count_prompt", None)
+        exact: asyncio.Future | None = None
+        if count and counter is not None and self.usage_sources.get(name) is False:
+            exact = asyncio.ensure_future(counter(body))  # the server's tokenizer, while it generates
+
+        def prompt_tokens() -> int:
+            if exact is not None and exact.done() and not exact.cancelled() and exact.exception() is None:
+                if exact.result():
+                    return exact.result()
+            return num_ctx.estimate(body, operation)
+
+        async def tokenized() -> None:
+            if exact is not None and not exact.done():
+                await asyncio.wait([exact], timeout=_TOKENIZE_WAIT)
 
         def learn(tap: UsageTap) -> None:
+            if exact is not None and not exact.done():
+                exact.cancel()
             if tap.count and tap.finished:
                 self.usage_sources[name] = tap.usage is not None
 
-        return usage.tapped(frames, tap, learn), tap, usage.source(kind, self.usage_sources.get(name))
+        tap = UsageTap(count=count, prompt_estimate=prompt_tokens)
+        frames = usage.tapped(frames, tap, learn, tokenized if exact is not None else None)
+        return frames, tap, usage.source(kind, self.usage_sources.get(name))
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
                     exchange: Exchange) -> Response | SSEResponse:  # fmt: skip

@@ -8,9 +8,10 @@ the way to the client:
 - :class:`UsageTap`, right after the backend, takes the usage chunk; when the
   backend sent none (llama.cpp's server does not), it adds one before
   ``data: [DONE]``, counted: one completion token per content chunk (true of
-  vLLM and llama.cpp, which send a chunk per token) and the prompt estimated
-  like the context window (:mod:`proxy.tokens`). The cache stores that stream,
-  so a replay has usage too.
+  vLLM and llama.cpp, which send a chunk per token) and the prompt by the
+  server's tokenizer where it has one (the gateway asks it while the answer is
+  generated), else estimated like the context window (:mod:`proxy.tokens`).
+  The cache stores that stream, so a replay has usage too.
 - :func:`dropped`, last, takes the usage chunk out again for a client that did
   not ask for it (``stream_options.include_usage``): it sees what it asked for.
 
@@ -24,7 +25,7 @@ No field inside the usage object says so: strict clients reject unknown fields.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 
@@ -124,10 +125,13 @@ class UsageTap:
         return b"data: " + orjson.dumps({**head, "choices": [], "usage": self.counted}) + b"\n\n"
 
 
-async def tapped(frames: AsyncIterator[bytes], tap: UsageTap,
-                 on_end: Callable[[UsageTap], None] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+async def tapped(frames: AsyncIterator[bytes], tap: UsageTap, on_end: Callable[[UsageTap], None] | None = None,
+                 before_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+    """The stream through ``tap``; ``before_end`` is awaited before the last event, when usage is counted."""
     try:
         async for frame in frames:
+            if before_end is not None and b"[DONE]" in frame and tap.usage is None:
+                await before_end()
             out = tap.feed(frame)
             if out:
                 yield out

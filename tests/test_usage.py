@@ -226,3 +226,36 @@ def test_a_cached_stream_from_a_backend_without_usage_replays_with_usage(sims):
     assert all(c.usage is None for c in first)
     assert raw.headers["x-cache"] == "HIT"
     assert replayed[-1].usage is not None and replayed[-1].usage.completion_tokens == 5
+
+
+def test_the_prompt_is_counted_by_the_servers_tokenizer_where_it_has_one():
+    long_words = [{"role": "user", "content": "antidisestablishmentarianism is long"}]  # the sim counts 3 + 4
+    with SimVLLM(model="tiny", llamacpp=True, behavior=Behavior(reply=REPLY)) as llamacpp:
+        config = {
+            "cache": {"mode": "off"},
+            "backends": [{"name": "llamacpp", "kind": "openai", "url": llamacpp.url}],
+            "models": [{"name": "cpp", "target": "tiny"}],
+        }
+        with running_proxy(config) as server:
+            with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+
+                def usage():
+                    chunks = client.chat.completions.create(
+                        model="cpp", messages=long_words, stream=True, stream_options={"include_usage": True}
+                    )
+                    return list(chunks)[-1].usage
+
+                first = usage()  # nobody knows yet that this server sends no usage: estimated
+                second = usage()  # now its tokenizer is asked while it generates
+        paths = [r[1] for r in llamacpp.requests]
+    assert first.prompt_tokens == 13  # the estimate: 36 bytes / 4 + 4 for the message
+    assert second.prompt_tokens == 7  # the server's own count, template included
+    assert first.completion_tokens == second.completion_tokens == 5
+    assert paths.count("/apply-template") == 1 and paths.count("/tokenize") == 1
+
+
+def test_a_server_without_a_tokenizer_is_not_asked_again(sims, proxy, client):
+    _, _, llamacpp = sims  # answers 404 to /apply-template, like llama-cpp-python or LM Studio
+    for _ in range(4):
+        _stream(client, "cpp", True)
+    assert [r[1] for r in llamacpp.requests].count("/apply-template") <= 1

@@ -41,6 +41,8 @@ def _template_complaint(message: str) -> dict | None:
 
 
 class OpenAIBackend(HTTPBackend):
+    _tokenizer: bool | None = None  # does the server have llama.cpp's /apply-template and /tokenize?
+
     def model_key(self, name: str) -> str:
         return name
 
@@ -132,6 +134,34 @@ class OpenAIBackend(HTTPBackend):
         if resp.status_code >= 300:
             raise BackendError(f"backend {self.name!r} answered /metrics with {resp.status_code}")
         return parse_vllm_metrics(resp.text), None
+
+    async def count_prompt(self, body: dict) -> int | None:
+        """The prompt's tokens by the server's own tokenizer, chat template included; None where it has none.
+
+        llama.cpp's server: ``/apply-template`` renders the messages, ``/tokenize`` counts them. Used
+        for the usage of streams from servers that send none; never raises.
+        """
+        if self._tokenizer is False:
+            return None
+        try:
+            if isinstance(body.get("messages"), list):
+                rendered = await self.http.small("POST", "/apply-template", {"messages": body["messages"]})
+                text = rendered.get("prompt") if isinstance(rendered, dict) else None
+            else:
+                text = body.get("prompt")
+            if not isinstance(text, str):
+                return None
+            answer = await self.http.small("POST", "/tokenize", {"content": text, "add_special": True})
+            tokens = answer.get("tokens") if isinstance(answer, dict) else None
+            count = len(tokens) if isinstance(tokens, list) else None
+        except UpstreamStatus as exc:
+            if exc.status in (404, 405, 501):
+                self._tokenizer = False  # no such endpoints: do not ask again
+            return None
+        except ProxyError:
+            return None
+        self._tokenizer = count is not None
+        return count
 
     async def describe(self, model: ServedModel) -> ModelInfo:
         return from_openai_card(model.details)
