@@ -15,9 +15,10 @@ from starlette.routing import Route
 
 from . import admin
 from .config import Config, load_config
-from .errors import MethodNotAllowed, NotFound, ProxyError, error_response, internal_error
+from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
-from .middleware import AdminAuth, APIKeyAuth
+from .ingress import ANTHROPIC, count_tokens
+from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth, UnexpectedErrors
 from .services import Services
 
 log = logging.getLogger("llm_proxy")
@@ -39,6 +40,31 @@ async def embeddings(request: Request):
     return await _gateway(request).generate(request, "embeddings")
 
 
+async def _in_anthropic_shape(request: Request, call) -> Response:
+    # Errors are rendered here, in Anthropic's shape, rather than by the app's OpenAI-shaped handlers.
+    try:
+        return await call()
+    except ProxyError as exc:
+        return anthropic_error_response(exc)
+    except Exception as exc:
+        request_id = getattr(request.state, "request_id", None)
+        log.error("request %s (%s %s) failed: %s: %s", request_id or "-", request.method, request.url.path,
+                  type(exc).__name__, exc)  # fmt: skip
+        log.debug("traceback of request %s", request_id or "-", exc_info=exc)
+        problem = internal_error()
+        if request_id:
+            problem.headers = {"x-request-id": request_id}
+        return anthropic_error_response(problem)
+
+
+async def messages(request: Request):
+    return await _in_anthropic_shape(request, lambda: _gateway(request).generate(request, "chat", ANTHROPIC))
+
+
+async def messages_count_tokens(request: Request):
+    return await _in_anthropic_shape(request, lambda: count_tokens(request, _gateway(request)))
+
+
 async def list_models(request: Request):
     return await _gateway(request).list_models()
 
@@ -52,7 +78,7 @@ async def health(request: Request):
 
 
 async def ready(request: Request):
-    return await _gateway(request).ready()
+    return await _gateway(request).ready(request.app.state.services.db.lost)
 
 
 async def metrics(request: Request):
@@ -67,15 +93,17 @@ async def _proxy_error(request: Request, exc: ProxyError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
+    render = anthropic_error_response if request.url.path.startswith(ANTHROPIC_PREFIX) else error_response
     if exc.status_code == 404:
-        return error_response(NotFound(f"Unknown path {request.url.path}"))
+        return render(NotFound(f"Unknown path {request.url.path}"))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}"))
-    return error_response(ProxyError(str(exc.detail), status=exc.status_code))
+        return render(MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}"))
+    return render(ProxyError(str(exc.detail), status=exc.status_code))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette's last resort, reached only if UnexpectedErrors (which logs) could not answer; Starlette
+    # re-raises after this, and uvicorn logs that, so logging here would only repeat it.
     return error_response(internal_error())
 
 
@@ -94,6 +122,8 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages_count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
@@ -104,12 +134,16 @@ def create_app(config: Config) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[
+            # First, so it wraps everything below: an unexpected exception stops there, answered and logged once.
+            Middleware(UnexpectedErrors),
             Middleware(APIKeyAuth, keys=config.server.api_keys),
             Middleware(AdminAuth, keys=config.server.admin_keys),
         ],
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=lifespan,
     )
+    # A trailing slash is a different path, answered with an OpenAI-shaped 404, not a 307 to follow.
+    app.router.redirect_slashes = False
     app.state.config = config
     return app
 

@@ -48,6 +48,15 @@ def _http_url(value: str) -> str | None:
     return None
 
 
+# One pattern for node names, so every name can be used in a URL path (/admin/nodes/{name}),
+# a metric label and a log line as it is.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _node_name(value: str) -> str | None:
+    return None if NODE_NAME.fullmatch(value) else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "expected a port number from 0 to 65535"
 
@@ -67,11 +76,18 @@ class ServerConfig:
     admin_keys: tuple[str, ...] = field(default=(), repr=False)
     # Largest request body accepted; image data URLs make chat bodies large.
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_check(_positive))
+    # Seconds a client may take to send its request head, and then its body (proxy/server.py).
+    header_timeout: float = field(default=10.0, metadata=_check(_positive))
+    body_timeout: float = field(default=60.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
 class StorageConfig:
+    # Relative paths are taken from the config file's directory.
     path: str = "./llm-proxy.db"
+    # The key that encrypts secrets kept in the database (registered nodes' api_key); created at
+    # first start, mode 0600. Empty: next to the database (llm-proxy.db -> llm-proxy.key).
+    key_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,11 +97,13 @@ class TimeoutConfig:
     connect: float = field(default=5.0, metadata=_check(_positive))
     first_byte: float = field(default=300.0, metadata=_check(_positive))
     idle: float = field(default=60.0, metadata=_check(_positive))
+    # Longest NDJSON line or SSE event a backend may send; the stream fails beyond it.
+    max_line_bytes: int = field(default=16 * 1024 * 1024, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str
+    name: str = field(metadata=_check(_node_name))
     kind: BackendKind
     url: str = field(metadata=_check(_http_url))
     api_key: str = field(default="", repr=False)  # secrets never appear in a repr or a log line
@@ -516,4 +534,25 @@ def load_config(path: str | os.PathLike, env: typing.Mapping[str, str] | None = 
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
-    return parse_config(data, env, source=str(path))
+    return anchor_paths(parse_config(data, env, source=str(path)), path.parent)
+
+
+def _anchored(value: str, base: Path) -> str:
+    if value == ":memory:" or value.startswith("file:"):
+        return value
+    candidate = Path(value).expanduser()
+    return str(candidate if candidate.is_absolute() else (base / candidate).absolute())
+
+
+def anchor_paths(config: Config, base: str | os.PathLike) -> Config:
+    """File paths in the config, relative to the config file's directory rather than the current one.
+
+    Started from another directory, a relative ``storage.path`` would otherwise open an empty
+    database, and registered nodes and activations would seem gone.
+    """
+    base = Path(base)
+    key_path = _anchored(config.storage.key_path, base) if config.storage.key_path else ""
+    storage = dataclasses.replace(config.storage, path=_anchored(config.storage.path, base), key_path=key_path)
+    distribution = dataclasses.replace(config.distribution,
+                                       manifest_path=_anchored(config.distribution.manifest_path, base))  # fmt: skip
+    return dataclasses.replace(config, storage=storage, distribution=distribution)

@@ -85,6 +85,12 @@ class NotFound(ProxyError):
     code = "not_found"
 
 
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
@@ -113,6 +119,14 @@ class ContextLengthExceeded(InvalidRequest):
 
     code = "context_length_exceeded"
     retryable = True
+
+
+class RequestTimeout(ProxyError):
+    """The client did not send its whole request in time (``server.header_timeout``/``body_timeout``)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class UnsupportedParameter(InvalidRequest):
@@ -225,3 +239,51 @@ class NotInstalled(Conflict):
         body = super().body()
         body["error"]["missing_nodes"] = self.missing_nodes
         return body
+
+
+# --- the Anthropic Messages ingress -------------------------------------------------------------
+
+# Anthropic's error type per status. The status itself stays the proxy's (a 503 is still a 503,
+# so history and metrics read the same whichever API the client spoke); the SDK picks its
+# exception class from the status and reads the type from the body.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(exc: ProxyError, request_id: str | None = None) -> dict:
+    kind = _ANTHROPIC_TYPES.get(exc.status) or ("api_error" if exc.status >= 500 else "invalid_request_error")
+    body: dict = {"type": "error", "error": {"type": kind, "message": exc.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def anthropic_error_response(exc: ProxyError) -> Response:
+    """``{"type": "error", "error": {"type", "message"}}`` with the error's status and headers."""
+    headers = dict(exc.headers or {})
+    request_id = headers.get("x-request-id")
+    if request_id:
+        headers["request-id"] = request_id  # where the anthropic SDK looks for it (err.request_id)
+    return Response(
+        orjson.dumps(anthropic_error_body(exc, request_id)),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def anthropic_error_event(exc: ProxyError) -> bytes:
+    """The ``event: error`` that ends an Anthropic stream which fails after it has started."""
+    return b"event: error\ndata: " + orjson.dumps(anthropic_error_body(exc)) + b"\n\n"

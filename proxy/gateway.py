@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -35,6 +36,9 @@ from .streaming import DisconnectWatch, SSEResponse, read_json
 from .translate import num_ctx
 from .translate.num_ctx import Sizing
 from .usage import UsageTap
+
+if TYPE_CHECKING:
+    from .ingress import Ingress
 
 _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
     "chat": validate.chat,
@@ -70,6 +74,23 @@ def _task_type(request: Request, body: dict) -> str | None:
     return task or None
 
 
+def _sse(frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]], exchange: Exchange,
+         ingress: Ingress | None) -> SSEResponse:  # fmt: skip
+    if ingress is None:
+        return SSEResponse(frames, headers, on_done=exchange.close)
+    headers.extend(ingress.headers(exchange.id))
+    return SSEResponse(ingress.frames(frames), headers, on_done=exchange.close, error_event=ingress.error_event)
+
+
+def _json(body: bytes, headers: list[tuple[bytes, bytes]], exchange: Exchange, ingress: Ingress | None) -> Response:
+    if ingress is not None:
+        body = ingress.reply(body)
+        headers.extend(ingress.headers(exchange.id))
+    response = Response(body, media_type="application/json")
+    response.raw_headers.extend(headers)
+    return response
+
+
 @dataclass
 class Gateway:
     config: Config
@@ -82,10 +103,19 @@ class Gateway:
     # Per OpenAI-compatible backend: did its last complete stream carry usage? (X-Proxy-Usage)
     usage_sources: dict[str, bool] = field(default_factory=dict)
 
-    async def generate(self, request: Request, operation: Operation) -> Response | SSEResponse:
-        exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
+    async def generate(self, request: Request, operation: Operation,
+                       ingress: Ingress | None = None) -> Response | SSEResponse:  # fmt: skip
+        """One request; ``ingress`` translates another client API (Anthropic) to and from OpenAI's.
+
+        Without one (the OpenAI endpoints) nothing is translated and nothing extra runs.
+        """
+        if ingress is None:
+            exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
+        else:  # an endpoint path passes through Exchange's operation -> endpoint map as itself
+            exchange = Exchange(self.history, self.metrics, ingress.endpoint, ingress.key(request.scope))
+        request.state.request_id = exchange.id  # for UnexpectedErrors' log line and its 500
         try:
-            return await self._generate(request, operation, exchange)
+            return await self._generate(request, operation, exchange, ingress)
         except ProxyError as exc:
             exc.headers = {**(exc.headers or {}), "x-request-id": exchange.id}
             exchange.close("cancelled" if isinstance(exc, ClientGone) else "error", exc.status, exc)
@@ -94,8 +124,11 @@ class Gateway:
             exchange.close("cancelled" if isinstance(exc, asyncio.CancelledError) else "error", 500, "internal error")
             raise
 
-    async def _generate(self, request: Request, operation: Operation, exchange: Exchange) -> Response | SSEResponse:
+    async def _generate(self, request: Request, operation: Operation, exchange: Exchange,
+                        ingress: Ingress | None) -> Response | SSEResponse:  # fmt: skip
         body = await read_json(request.receive, request.scope["headers"], self.config.server.max_body_bytes)
+        if ingress is not None:
+            body = ingress.request(body)  # from here on the chain sees an OpenAI body: same cache keys
         _VALIDATORS[operation](body)
         exchange.started(body)
         task = _task_type(request, body)
@@ -109,7 +142,7 @@ class Gateway:
             stored = await self.caching.get(lookup)
             self.metrics.cache_lookup(route.public, exchange.endpoint, stored is not None)
             if stored is not None:
-                return self._from_cache(stored, operation, route, body, exchange)
+                return self._from_cache(stored, operation, route, body, exchange, ingress)
         started = time.perf_counter()
         with DisconnectWatch(request.receive) as watch:
             outcome = await self._dispatch(route, operation, body)
@@ -126,13 +159,12 @@ class Gateway:
             if not (body.get("stream_options") or {}).get("include_usage"):
                 frames = usage.dropped(frames)
             headers.append((b"x-proxy-usage", usage_source))
-            return SSEResponse(exchange.counting(frames, tap), headers, on_done=exchange.close)
+            return _sse(exchange.counting(frames, tap), headers, exchange, ingress)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
+        response = _json(outcome.reply, headers, exchange, ingress)  # type: ignore[arg-type]
         exchange.close("ok", 200)
-        response = Response(outcome.reply, media_type="application/json")
-        response.raw_headers.extend(headers)
         return response
 
     def _tapped(self, frames, candidate: Candidate, operation: Operation,
@@ -168,7 +200,7 @@ class Gateway:
         return frames, tap, usage.source(kind, self.usage_sources.get(name))
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
-                    exchange: Exchange) -> Response | SSEResponse:  # fmt: skip
+                    exchange: Exchange, ingress: Ingress | None) -> Response | SSEResponse:  # fmt: skip
         exchange.cache_hit()
         exchange.record.resolved_model = route.target
         exchange.tokens_from_body(stored)
@@ -176,10 +208,9 @@ class Gateway:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             frames = self.caching.replay_frames(stored, operation, body["model"], include_usage)
-            return SSEResponse(frames, headers, on_done=exchange.close)
+            return _sse(frames, headers, exchange, ingress)
+        response = _json(self.caching.replay_body(stored, operation, body["model"]), headers, exchange, ingress)
         exchange.close("ok", 200)
-        response = Response(self.caching.replay_body(stored, operation, body["model"]), media_type="application/json")
-        response.raw_headers.extend(headers)
         return response
 
     async def _embeddings(self, request: Request, route: Route, body: dict, cache_control: str | None,
@@ -287,12 +318,15 @@ class Gateway:
                 break
         raise ModelNotFound(f"The model {model_id!r} does not exist", param="model")
 
-    async def ready(self) -> JSONResponse:
+    async def ready(self, storage_problem: str | None = None) -> JSONResponse:
+        """200 when a backend answers and the database is the one opened; 503 with the reasons otherwise."""
         if not self.catalog.any_reachable():
             await self.catalog.refresh_if_stale()
         states = {
             name: {"reachable": bool(view.reachable), "models": len(view.models), "error": view.error}
             for name, view in self.catalog.views.items()
         }
-        ok = self.catalog.any_reachable()
-        return JSONResponse({"status": "ready" if ok else "unavailable", "backends": states}, 200 if ok else 503)
+        ok = self.catalog.any_reachable() and storage_problem is None
+        body = {"status": "ready" if ok else "unavailable", "backends": states,
+                "storage": {"ok": storage_problem is None, "error": storage_problem}}  # fmt: skip
+        return JSONResponse(body, 200 if ok else 503)

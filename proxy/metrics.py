@@ -31,7 +31,9 @@ worker writes its values to files there and :meth:`Metrics.render` merges them
 all: counters and histograms sum over every worker that ever ran; the per-backend
 in-flight and queue gauges are ``livesum`` (sum over live workers); the health,
 up and alias gauges are ``livemostrecent`` (the last value any live worker set).
-Call :func:`mark_process_dead` when a worker exits so its live gauges stop
+A removed node's series are dropped (:meth:`Metrics.remove_backend`); in multiprocess
+mode prometheus-client cannot delete from its files, so there its gauges read 0 and its
+counters stay until the next start. Call :func:`mark_process_dead` when a worker exits so its live gauges stop
 counting; :meth:`Metrics.render` also drops those of workers whose pid is gone
 (killed, crashed). Keep one ``Metrics`` per process: two in one process would
 share, and overwrite, the same file entries. Without the variable, one private
@@ -124,13 +126,15 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 class _Family:
     """A labelled metric with its children cached per label tuple (``labels()`` costs a lock and str())."""
 
-    __slots__ = ("metric", "children", "limit", "model_position")
+    __slots__ = ("metric", "children", "limit", "model_position", "backend_position")
 
     def __init__(self, metric: Any, limit: int, model_position: int | None) -> None:
         self.metric = metric
         self.children: dict[tuple, Any] = {}
         self.limit = limit
         self.model_position = model_position
+        names = getattr(metric, "_labelnames", ())
+        self.backend_position = names.index("backend") if "backend" in names else None
 
     def child(self, key: tuple) -> Any:
         child = self.children.get(key)
@@ -142,6 +146,16 @@ class _Family:
                     return child
             child = self.children[key] = self.metric.labels(*key)
         return child
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop every series labelled with ``backend``, so a removed node stops being reported."""
+        if self.backend_position is None:
+            return
+        for key in [k for k in self.children if k[self.backend_position] == backend]:
+            child = self.children.pop(key)
+            if isinstance(self.metric, Gauge):
+                child.set(0.0)  # multiprocess files cannot forget a series: it reads 0 until the next start
+            self.metric.remove(*key)
 
 
 class Metrics:
@@ -201,8 +215,16 @@ class Metrics:
         self._overhead = family(Histogram, "overhead_seconds", "Time spent in the proxy itself, backend excluded",
                                 ("endpoint",), buckets=OVERHEAD_BUCKETS)  # fmt: skip
 
+    def remove_backend(self, backend: str) -> None:
+        """A node was removed: its series go from /metrics (in this process; see the module doc)."""
+        for family in self._families():
+            family.forget_backend(backend)
+
+    def _families(self) -> list[_Family]:
+        return [v for v in vars(self).values() if isinstance(v, _Family)]
+
     def _disable(self) -> None:
-        for name in ("request", "cache_lookup", "cache_evictions", "failover", "retry", "backend_state",
+        for name in ("request", "remove_backend", "cache_lookup", "cache_evictions", "failover", "retry", "backend_state",
                      "backend_in_flight", "set_backend_in_flight", "backend_queue", "set_backend_queue",
                      "alias_mismatch", "overhead"):  # fmt: skip
             setattr(self, name, _noop)

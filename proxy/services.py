@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 
 from .admission import Slots
@@ -28,11 +29,15 @@ from .operations import Fleet
 from .resolve import Resolver
 from .routing import Router
 from .storage import Database
+from .storage.background import Periodic
+from .storage.sealed import Sealer, key_path_for
 
 log = logging.getLogger("llm_proxy")
 
 # How long start-up waits for the first health round before serving anyway.
 _FIRST_ROUND_TIMEOUT = 15.0
+# Seconds between checks that the database file is still the one opened.
+_STORAGE_CHECK_INTERVAL = 2.0
 
 
 @dataclass
@@ -49,11 +54,16 @@ class Services:
     gateway: Gateway
     monitor: Monitor
     fleet: Fleet | None = None  # the admin side: nodes, operations, activation (proxy/operations)
+    sealer: Sealer | None = None  # encrypts the secrets kept in the database
+    storage_watch: Periodic | None = None  # notices a database file deleted or replaced under us
 
     @classmethod
     async def open(cls, config: Config) -> Services:
         """Open storage and build the chain; :meth:`start` then brings it to life."""
         db = await Database.open(config.storage.path)
+        log.info("storage: %s (schema version %d)", db.path if db.path == ":memory:" else os.path.abspath(db.path),
+                 db.schema_version)  # fmt: skip
+        sealer = await asyncio.to_thread(Sealer.open, key_path_for(config.storage.path, config.storage.key_path))
         metrics = Metrics(config.metrics)
         history = History(db, config.history)
         cache = ResponseCache(db, config.cache, metrics=metrics)
@@ -65,6 +75,8 @@ class Services:
         services = cls(config, db, history, cache, metrics, catalog, slots, resolver, router, gateway,
                        Monitor(config.health.interval, lambda: services.check()))  # fmt: skip
         router.on_model_missing = lambda c: catalog.recheck_soon()
+        services.sealer = sealer
+        services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
         for backend in config.backends:
             services.add_backend(backend)
         services.fleet = Fleet(services)
@@ -106,8 +118,16 @@ class Services:
             state = f"{len(view.models)} models" if view.reachable else f"unreachable ({view.error})"
             log.info("backend %s: %s", name, state)
         self.monitor.start()
+        self.storage_watch.start()
+
+    def remove_backend(self, name: str) -> None:
+        """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
+        self.catalog.remove(name)
+        self.slots.pop(name, None)
+        self.metrics.remove_backend(name)
 
     async def close(self) -> None:
+        await self.storage_watch.close()
         await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))

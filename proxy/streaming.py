@@ -97,16 +97,18 @@ class SSEResponse:
     media_type = b"text/event-stream"
 
     def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
-                 on_done: Callable[[str, int, ProxyError | None], None] | None = None) -> None:  # fmt: skip
+                 on_done: Callable[[str, int, ProxyError | None], None] | None = None,
+                 error_event: Callable[[ProxyError], bytes] = sse_error_event) -> None:  # fmt: skip
         self.frames = frames
         self.headers = headers
+        self.error_event = error_event  # the client API's shape for an error after the first byte
         self.status = "ok"  # ok, error or cancelled, for whoever records the request afterwards
         self.error: ProxyError | None = None
         self.on_done = on_done  # called once with (status, 200, error) when the stream is over
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await self._send(receive, send)
+            await self._send(scope, receive, send)
         except BaseException:
             self.status = "cancelled"  # the server gave up on the connection (shutdown, client reset)
             raise
@@ -114,7 +116,7 @@ class SSEResponse:
             if self.on_done is not None:
                 self.on_done(self.status, 200, self.error)
 
-    async def _send(self, receive, send) -> None:
+    async def _send(self, scope, receive, send) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -133,14 +135,17 @@ class SSEResponse:
                 async for frame in self.frames:
                     await send({"type": "http.response.body", "body": frame, "more_body": True})
             except ProxyError as exc:
-                self.status, self.error, tail = "error", exc, sse_error_event(exc)
+                self.status, self.error, tail = "error", exc, self.error_event(exc)
             except OSError:  # the server could not write: the client went away
                 self.status = "cancelled"
                 return
-            except Exception:
-                log.exception("stream failed after it started")
+            except Exception as exc:
+                # One line per failed stream, as for any unexpected error (middleware.UnexpectedErrors)
+                request_id = scope.get("state", {}).get("request_id", "-")
+                log.error("request %s: stream failed after it started: %s: %s", request_id, type(exc).__name__, exc)
+                log.debug("traceback of request %s", request_id, exc_info=exc)
                 self.status, self.error = "error", internal_error()
-                tail = sse_error_event(self.error)
+                tail = self.error_event(self.error)
             finally:
                 await self.frames.aclose()  # type: ignore[attr-defined]
         if watch.disconnected:

@@ -18,16 +18,16 @@ import os
 import time
 from typing import TextIO
 
-import orjson
-
 from ..backends import make_backend
 from ..backends.ollama_admin import OllamaAdmin
-from ..config import BackendConfig, Config, ConfigError, parse_config
+from ..config import BackendConfig, Config
 from ..errors import NotFound
 from ..storage import Database
+from ..storage.sealed import Sealer, key_path_for
 from .distribution import PlanItem, plan_sync
 from .manager import OperationManager
 from .model import Operation
+from .node_store import NodeStore
 from .pulls import PullRunner
 from .sync import SyncNode, collect, manifest, write_manifest
 
@@ -49,20 +49,14 @@ async def _registered(config: Config) -> list[BackendConfig]:
     path = config.storage.path
     if path == ":memory:" or not await asyncio.to_thread(os.path.exists, path):
         return []
+    sealer = await asyncio.to_thread(Sealer.open, key_path_for(path, config.storage.key_path))
     db = await Database.open(path)
     try:
-        rows = await db.fetchall("SELECT name, spec FROM nodes ORDER BY created_at")
+        stored = await NodeStore(db, sealer).load()
     finally:
         await db.close()
     known = {b.name for b in config.backends}
-    out = []
-    for name, spec in rows:
-        if name not in known:
-            try:
-                out.append(parse_config({"backends": [orjson.loads(spec)]}, env={}).backends[0])
-            except (ConfigError, orjson.JSONDecodeError):
-                continue
-    return out
+    return [b for b in stored if b.name not in known]
 
 
 def _size(n: float | None) -> str:

@@ -25,6 +25,7 @@ from .audit import Audit
 from .distribution import auto_nodes, plan_sync, tier_models
 from .manager import OperationManager
 from .model import Operation
+from .node_store import NodeStore
 from .pulls import DeleteRunner, PullRunner
 from .registry import NodeRegistry
 from .store import OperationStore
@@ -44,7 +45,7 @@ class Fleet:
         config = services.config
         db = services.db
         self.audit = Audit(getattr(services, "history", None))
-        self.registry = NodeRegistry(services, db)
+        self.registry = NodeRegistry(services, NodeStore(db, services.sealer))
         self.aliases = AliasOverrides(db, services.resolver)
         self.manager = OperationManager(config.pulls, OperationStore(db), self.audit)
         self.activator = Activator(self)

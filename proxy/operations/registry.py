@@ -1,6 +1,6 @@
 """The nodes: those of the config file, and those registered at run time (``POST /admin/nodes``).
 
-Registered nodes are stored in SQLite (table ``nodes``) and added again at
+Registered nodes are stored by :class:`.node_store.NodeStore` (keys sealed) and added again at
 start-up, before the first health round. A node of the config file can be
 drained but not removed here: the file would bring it back at the next start,
 so removing it is refused (409) with that explanation.
@@ -18,74 +18,36 @@ proxy's host, which only whoever controls the config file may decide.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
 
-import orjson
-
 from ..backends.ollama_admin import OllamaAdmin
-from ..config import BackendConfig, ConfigError, parse_config
-from ..errors import Conflict, InvalidRequest, NotFound
-from ..storage import Database
+from ..config import BackendConfig
+from ..errors import Conflict, NotFound
+from .node_store import NodeStore
 
 if TYPE_CHECKING:
     from ..services import Services
 
 log = logging.getLogger("llm_proxy.nodes")
 
-_REFUSED_AT_REGISTRATION = {"activate_command": "it runs a program on the proxy's host; set it in the config file"}
-
-
-def _no_env(value):
-    """Registration data is not config text: ``$`` is literal, and the proxy's environment stays private."""
-    if isinstance(value, str):
-        return value.replace("$", "$$")
-    if isinstance(value, list):
-        return [_no_env(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _no_env(v) for k, v in value.items()}
-    return value
-
-
-def parse_node(spec: dict) -> BackendConfig:
-    """A node description checked like a ``backends:`` entry of the config file (400 listing every problem)."""
-    for key, why in _REFUSED_AT_REGISTRATION.items():
-        if key in spec:
-            raise InvalidRequest(f"{key} cannot be set at registration: {why}", param=key)
-    try:
-        config = parse_config({"backends": [_no_env(spec)]}, env={}, source="node")
-    except ConfigError as exc:
-        problems = [p.removeprefix("backends[0].") for p in exc.problems]
-        raise InvalidRequest("Invalid node: " + "; ".join(problems), param=problems[0].split(":")[0]) from None
-    return config.backends[0]
-
-
-def _spec(config: BackendConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-
 
 class NodeRegistry:
-    def __init__(self, services: Services, db: Database) -> None:
+    def __init__(self, services: Services, store: NodeStore) -> None:
         self.services = services
-        self.db = db
+        self.store = store
         self.config_names = {b.name for b in services.config.backends}
         self._admins: dict[str, OllamaAdmin] = {}
         self._closing: set[asyncio.Task] = set()  # adapters of removed nodes, closed once their requests end
 
     async def load(self) -> None:
-        for name, spec in await self.db.fetchall("SELECT name, spec FROM nodes ORDER BY created_at"):
-            if name in self.services.catalog.backends:
-                log.warning("registered node %s is now also in the config file; the config's entry wins", name)
-                continue
-            try:
-                config = parse_config({"backends": [orjson.loads(spec)]}, env={}, source=f"nodes.{name}").backends[0]
-            except (ConfigError, orjson.JSONDecodeError) as exc:
-                log.error("registered node %s cannot be restored: %s", name, exc)
+        for config in await self.store.load():
+            if config.name in self.services.catalog.backends:
+                log.warning("registered node %s is now also in the config file; the config's entry wins", config.name)
                 continue
             self.services.add_backend(config)
-            log.info("registered node %s (%s, %s) restored", name, config.kind, config.url)
+            log.info("registered node %s (%s, %s) restored", config.name, config.kind, config.url)
 
     async def close(self) -> None:
         admins, self._admins = list(self._admins.values()), {}
@@ -125,13 +87,10 @@ class NodeRegistry:
     # --- changing -------------------------------------------------------------------------------
 
     async def register(self, spec: dict) -> BackendConfig:
-        config = parse_node(spec)
+        config, kept_key = self.store.parse(spec)
         if config.name in self.services.catalog.backends:
             raise Conflict(f"A node called {config.name!r} exists already", param="name")
-        await self.db.execute(
-            "INSERT INTO nodes (name, kind, url, spec, created_at) VALUES (?, ?, ?, ?, ?)",
-            (config.name, config.kind, config.url, orjson.dumps(_spec(config)).decode(), time.time()),
-        )
+        await self.store.add(config, kept_key)
         self.services.add_backend(config)
         log.info("node %s registered (%s, %s)", config.name, config.kind, config.url)
         return config
@@ -164,9 +123,8 @@ class NodeRegistry:
         left = health.in_flight
         catalog = self.services.catalog
         backend = catalog.backends[name]
-        catalog.remove(name)
-        self.services.slots.pop(name, None)
-        await self.db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        await self.store.remove(name)  # first: a node whose row could not be deleted would come back
+        self.services.remove_backend(name)
         admin = self._admins.pop(name, None)
         if admin is not None:
             await admin.aclose()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -26,18 +28,23 @@ import aiosqlite
 
 from . import migrations as _migrations
 
+log = logging.getLogger("llm_proxy.storage")
+
 Params = Sequence[Any] | dict[str, Any]
 
 
 class Database:
     """The proxy's SQLite store. Create with ``await Database.open(path)``."""
 
-    def __init__(self, conn: aiosqlite.Connection, path: str, schema_version: int) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: str, schema_version: int,
+                 identity: tuple[int, int] | None = None) -> None:  # fmt: skip
         self._conn = conn
         self.path = path
         self.schema_version = schema_version
         self._write_lock = asyncio.Lock()
         self._tx_owner: asyncio.Task | None = None
+        self._identity = identity  # (device, inode) of the file opened; None for :memory:
+        self.lost: str | None = None  # why the file this process writes to is no longer the one on disk
 
     @classmethod
     async def open(
@@ -54,7 +61,7 @@ class Database:
         """
         memory = path == ":memory:" or path.startswith("file::memory:")
         if not memory:
-            await asyncio.to_thread(Path(path).expanduser().parent.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(_create_private, path)
         conn = await aiosqlite.connect(path, isolation_level=None)
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -66,7 +73,8 @@ class Database:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, path, version)
+        identity = None if memory else await asyncio.to_thread(_identity, path)
+        return cls(conn, path, version, identity)
 
     # --- statements -----------------------------------------------------------------------------
 
@@ -126,6 +134,42 @@ class Database:
 
     async def close(self) -> None:
         await self._conn.close()
+
+    async def check_file(self) -> str | None:
+        """Whether the file is still the one opened; sets and returns :attr:`lost` when not.
+
+        SQLite keeps writing to a deleted or replaced file through its open descriptor, so
+        without this check everything written from then on vanishes at the next restart,
+        without a word.
+        """
+        if self._identity is None or self.lost is not None:
+            return self.lost
+        try:
+            now = await asyncio.to_thread(_identity, self.path)
+        except FileNotFoundError:
+            self.lost = f"the database file {self.path} was deleted while the proxy runs"
+        else:
+            if now != self._identity:
+                self.lost = f"the database file {self.path} was replaced while the proxy runs"
+        if self.lost is not None:
+            log.error("%s: what this process writes from now on is lost; restore the file or restart the proxy "
+                      "(GET /ready answers 503 until then)", self.lost)  # fmt: skip
+        return self.lost
+
+
+def _create_private(path: str) -> None:
+    """Create the database file readable by its owner only; SQLite gives its -wal and -shm files the same mode."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _identity(path: str) -> tuple[int, int]:
+    info = os.stat(Path(path).expanduser())
+    return info.st_dev, info.st_ino
 
 
 async def _enable_wal(conn: aiosqlite.Connection) -> None:
