@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .backends import Backend, ServedModel
 from .errors import ProxyError
-from .health import BackendHealth
+from .health import BackendHealth, read_signals
 from .translate.model_info import ModelInfo
 
 log = logging.getLogger("llm_proxy.catalog")
@@ -76,6 +76,7 @@ class Catalog:
             view.reachable, view.error, view.models = True, None, tuple(models)
             view.index = {backend.model_key(m.name): m.name for m in models}
             await self._describe(name, backend, view)
+            await read_signals(backend, health)
         view.checked_at = time.time()
 
     async def _describe(self, name: str, backend: Backend, view: BackendView) -> None:

@@ -163,6 +163,9 @@ class ModelConfig:
     # Other public names (aliases or served model names) tried in order when no backend for
     # this one can take the request.
     fallback: tuple[str, ...] = ()
+    # Ollama: the largest num_ctx the proxy sets on its own for this model (context.max_num_ctx
+    # when unset). Larger windows cost memory and a reload, so a small GPU wants a low ceiling.
+    max_num_ctx: int | None = field(default=None, metadata=_check(_positive))
 
 
 TASK_TYPES = ("code_generation", "code_analysis", "reasoning", "general_chat", "planning",
@@ -196,6 +199,21 @@ class RoutingConfig:
     # Requests waiting for a slot on a backend at max_concurrent; beyond it: 429 + Retry-After.
     queue_size: int = field(default=64, metadata=_check(_non_negative))
     queue_timeout: float = field(default=30.0, metadata=_check(_positive))
+    # With no other backend left to try, a transient failure (connection reset, 502/503, busy)
+    # is retried on the same backend this many more times, after a jittered backoff that starts
+    # at `retry_backoff` seconds and doubles. Single-node setups would otherwise fail at once.
+    retry_same: int = field(default=2, metadata=_check(_non_negative))
+    retry_backoff: float = field(default=0.25, metadata=_check(_non_negative))
+    # A node that must first load the model (Ollama, by /api/ps) only gets requests while every
+    # node where it is loaded has this many in flight (or no free max_concurrent slot).
+    cold_after_in_flight: int = field(default=4, metadata=_check(_positive))
+    # Prefix affinity: requests of one conversation (same `user`, else the same first messages)
+    # go to the backend that answered it before, while it is healthy and not overloaded, so its
+    # prefix cache is reused. Off by default; the table is an LRU of `affinity_size` entries,
+    # each forgotten `affinity_ttl` seconds after its last use.
+    affinity: bool = False
+    affinity_size: int = field(default=10_000, metadata=_check(_positive))
+    affinity_ttl: float = field(default=600.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -208,6 +226,25 @@ class HealthConfig:
     max_cooldown: float = field(default=120.0, metadata=_check(_positive))
     # Over this share of errors among recent requests, a backend is degraded (and gets less).
     degraded_error_rate: float = field(default=0.2, metadata=_check(_non_negative))
+    # Load signals (vLLM /metrics, Ollama /api/ps) are read every round, and for a backend with
+    # requests in flight also when a request finds them older than this many seconds.
+    signals_interval: float = field(default=2.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """Ollama cuts prompts longer than its context window without a word; the proxy sizes num_ctx instead."""
+
+    # Raise num_ctx to fit the estimated prompt and the answer when a request sets none.
+    auto_num_ctx: bool = True
+    # The window Ollama uses when a request sets no num_ctx (2048 before Ollama 0.6, 4096 since,
+    # or OLLAMA_CONTEXT_LENGTH). Prompts that fit in it are sent untouched, so nothing reloads.
+    # A model whose Modelfile sets num_ctx uses that instead.
+    ollama_default: int = field(default=2048, metadata=_check(_positive))
+    # The largest num_ctx the proxy sets for any model without its own models[].max_num_ctx.
+    max_num_ctx: int = field(default=32768, metadata=_check(_positive))
+    # Tokens kept free for the answer when a request sets no max_tokens.
+    answer_reserve: int = field(default=1024, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -267,6 +304,7 @@ class Config:
     timeouts: TimeoutConfig = TimeoutConfig()
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
+    context: ContextConfig = ContextConfig()
     cache: CacheConfig = CacheConfig()
     history: HistoryConfig = HistoryConfig()
     metrics: MetricsConfig = MetricsConfig()

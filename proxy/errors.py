@@ -111,6 +111,16 @@ class ClientGone(ProxyError):
     code = "client_closed_request"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (plus the answer asked for) does not fit the model's context window.
+
+    Retryable in the routing sense only: another backend's copy of the model may have a larger window.
+    """
+
+    code = "context_length_exceeded"
+    retryable = True
+
+
 class RequestTimeout(ProxyError):
     """The client did not send its whole request in time (``server.header_timeout``/``body_timeout``)."""
 
@@ -162,6 +172,10 @@ class BackendUnavailable(BackendError):
 class BackendTimeout(BackendError):
     status = 504
     code = "backend_timeout"
+
+
+class BackendAuthFailed(BackendError):
+    """The backend refused the proxy's own credentials (its 401/403): another backend may do, asking again will not."""
 
 
 class BackendRejected(ProxyError):

@@ -19,6 +19,7 @@ from .errors import ProxyError
 from .history import History, RequestRecord, key_id
 from .metrics import Metrics
 from .routing import Outcome
+from .usage import UsageTap
 
 _ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embeddings": "/v1/embeddings"}
 
@@ -85,14 +86,22 @@ class Exchange:
             return
         self.record.prompt_tokens, self.record.completion_tokens = _usage(usage)
 
-    async def counting(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass a stream through, picking token counts out of the usage chunk when there is one."""
+    async def counting(self, frames: AsyncIterator[bytes], tap: UsageTap | None = None) -> AsyncIterator[bytes]:
+        """Pass a stream through, picking token counts out of the usage chunk when there is one.
+
+        With a ``tap`` (proxy/usage.py) its numbers count: it sees the backend's usage even when it
+        keeps it from the client, and counts when the backend sent none.
+        """
         try:
             async for frame in frames:
-                if b'"usage":{' in frame or b'"usage": {' in frame:
+                if tap is None and (b'"usage":{' in frame or b'"usage": {' in frame):
                     self._usage_from_frame(frame)
                 yield frame
         finally:
+            if tap is not None:
+                prompt, completion = tap.tokens
+                if prompt is not None:
+                    self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
             await frames.aclose()  # type: ignore[attr-defined]
 
     def _usage_from_frame(self, frame: bytes) -> None:

@@ -11,15 +11,16 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import validate
+from . import usage, validate
 from .adapt import adapt_request, needs_adapting
+from .affinity import conversation_key
 from .backends import Stream
 from .caching import Caching
 from .catalog import Catalog
@@ -32,6 +33,9 @@ from .middleware import bearer_token
 from .resolve import Candidate, Resolver, Route
 from .routing import Operation, Outcome, Router
 from .streaming import DisconnectWatch, SSEResponse, read_json
+from .translate import num_ctx
+from .translate.num_ctx import Sizing
+from .usage import UsageTap
 
 if TYPE_CHECKING:
     from .ingress import Ingress
@@ -44,6 +48,7 @@ _VALIDATORS: dict[Operation, Callable[[dict], None]] = {
 
 
 _MISS = (b"x-cache", b"MISS")
+_TOKENIZE_WAIT = 0.5  # seconds the end of a stream may wait for the server's count of the prompt
 
 
 def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
@@ -51,9 +56,11 @@ def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
         (b"x-proxy-backend", outcome.candidate.backend.name.encode()),
         (b"x-proxy-model", outcome.candidate.model.encode()),
         (b"x-proxy-attempts", str(outcome.attempts).encode()),
+        (b"x-proxy-route-reason", outcome.reason.encode()),
     ]
     if outcome.candidate.alias is not None:
         headers.append((b"x-proxy-alias", outcome.candidate.alias.name.encode()))
+    headers += outcome.headers
     return headers
 
 
@@ -93,6 +100,8 @@ class Gateway:
     history: History
     metrics: Metrics
     caching: Caching
+    # Per OpenAI-compatible backend: did its last complete stream carry usage? (X-Proxy-Usage)
+    usage_sources: dict[str, bool] = field(default_factory=dict)
 
     async def generate(self, request: Request, operation: Operation,
                        ingress: Ingress | None = None) -> Response | SSEResponse:  # fmt: skip
@@ -148,16 +157,51 @@ class Gateway:
         headers = [*_proxy_headers(outcome), _MISS, *exchange.headers()]
         store = lookup is not None and self.caching.storable(lookup, route, outcome)
         if isinstance(outcome.reply, Stream):
-            frames = outcome.reply.frames
+            frames, tap, usage_source = self._tapped(outcome.reply.frames, outcome.candidate, operation, body)
             if store:
                 frames = self.caching.storing(lookup, route, frames)  # type: ignore[arg-type]
-            return _sse(exchange.counting(frames), headers, exchange, ingress)
+            if not (body.get("stream_options") or {}).get("include_usage"):
+                frames = usage.dropped(frames)
+            headers.append((b"x-proxy-usage", usage_source))
+            return _sse(exchange.counting(frames, tap), headers, exchange, ingress)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
         response = _json(outcome.reply, headers, exchange, ingress)  # type: ignore[arg-type]
         exchange.close("ok", 200)
         return response
+
+    def _tapped(self, frames, candidate: Candidate, operation: Operation,
+                body: dict) -> tuple[AsyncIterator[bytes], UsageTap, bytes]:  # fmt: skip
+        """The stream with a usage chunk guaranteed, its tap, and where the numbers come from."""
+        config = getattr(candidate.backend, "config", None)
+        kind = config.kind if config is not None else "openai"
+        name = candidate.backend.name
+        count = kind not in ("ollama", "vllm")  # those always send usage when asked
+        counter = getattr(candidate.backend, "count_prompt", None)
+        exact: asyncio.Future | None = None
+        if count and counter is not None and self.usage_sources.get(name) is False:
+            exact = asyncio.ensure_future(counter(body))  # the server's tokenizer, while it generates
+
+        def prompt_tokens() -> int:
+            if exact is not None and exact.done() and not exact.cancelled() and exact.exception() is None:
+                if exact.result():
+                    return exact.result()
+            return num_ctx.estimate(body, operation)
+
+        async def tokenized() -> None:
+            if exact is not None and not exact.done():
+                await asyncio.wait([exact], timeout=_TOKENIZE_WAIT)
+
+        def learn(tap: UsageTap) -> None:
+            if exact is not None and not exact.done():
+                exact.cancel()
+            if tap.count and tap.finished:
+                self.usage_sources[name] = tap.usage is not None
+
+        tap = UsageTap(count=count, prompt_estimate=prompt_tokens)
+        frames = usage.tapped(frames, tap, learn, tokenized if exact is not None else None)
+        return frames, tap, usage.source(kind, self.usage_sources.get(name))
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,
                     exchange: Exchange, ingress: Ingress | None) -> Response | SSEResponse:  # fmt: skip
@@ -209,28 +253,45 @@ class Gateway:
         return response
 
     async def _dispatch(self, route: Route, operation: Operation, body: dict) -> Outcome:
+        sizes: dict[tuple[str, str], Sizing | None] = {}
+        wanted = self.router.affinity is not None and operation != "embeddings"
+        conversation = conversation_key(route.public, body) if wanted else None
         try:
-            return await self.router.dispatch(route, operation, self._preparer(body, operation))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes), conversation)
         except TemplateRejected as exc:
             # The template refused the roles: remember it for this model, adapt, try once more.
             candidate = exc.candidate
             self.catalog.learn(candidate.backend.name, candidate.model, system_role=exc.system_role,
                                alternation=exc.alternation)  # fmt: skip
-            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation))
+            outcome = await self.router.dispatch(route, operation, self._preparer(body, operation, sizes), conversation)
             outcome.attempts += 1
-            return outcome
+        sizing = sizes.get((outcome.candidate.backend.name, outcome.candidate.model))
+        if sizing is not None:
+            outcome.headers += sizing.headers()
+        return outcome
 
-    def _preparer(self, body: dict, operation: Operation) -> Callable[[Candidate], dict]:
-        """Per candidate, the body adapted to its model's template and defaults (computed once per model)."""
+    def _preparer(self, body: dict, operation: Operation,
+                  sizes: dict[tuple[str, str], Sizing | None]) -> Callable[[Candidate], dict]:  # fmt: skip
+        """Per candidate, the body adapted to its model's template and defaults (computed once per model),
+        and for Ollama its context window sized to the prompt (recorded in ``sizes``)."""
         if operation == "embeddings":
             return lambda candidate: body
         prepared: dict[ModelConfig | None, dict] = {}
+        fitted: dict[tuple[str, str], dict] = {}
 
         def prepare(candidate: Candidate) -> dict:
             model = self._effective_model(candidate)
             if model not in prepared:
                 prepared[model] = adapt_request(body, model) if needs_adapting(model) else body
-            return prepared[model]
+            config = getattr(candidate.backend, "config", None)
+            if config is None or config.kind != "ollama":
+                return prepared[model]
+            key = (candidate.backend.name, candidate.model)
+            if key not in fitted:
+                info = self.catalog.model_info(*key)
+                ceiling = candidate.alias.max_num_ctx if candidate.alias is not None else None
+                fitted[key], sizes[key] = num_ctx.fit(prepared[model], operation, info, ceiling, self.config.context)
+            return fitted[key]
 
         return prepare
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .config import HealthConfig
+from .errors import ProxyError
+from .signals import Signals
 
 log = logging.getLogger("llm_proxy.health")
 
@@ -34,6 +36,7 @@ State = Literal["online", "degraded", "offline"]
 _WINDOW = 50  # at most this many recent outcomes count towards the error rate ...
 _WINDOW_SECONDS = 60.0  # ... and only those of the last minute, so old trouble is forgiven
 _EWMA = 0.2  # weight of the newest latency sample
+_OUTLIER = 3.0  # a sample counts at most this many times the running average
 
 
 @dataclass
@@ -47,21 +50,29 @@ class BackendHealth:
     cooldown_until: float = 0.0  # time.monotonic()
     probe_ok: bool | None = None  # None: not probed yet
     proven: bool = True  # False after a failure, until a request succeeds again
-    latency: float | None = None  # EWMA of time to first byte, seconds
+    # Latency compared like for like, so one long prompt or one long answer does not make a node
+    # look slow: time to the first chunk of streamed answers, and time per completion token of
+    # whole answers (EWMAs, seconds).
+    ttft: float | None = None
+    per_token: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None  # time.time(), for humans
     version: str | None = None
     outcomes: deque = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    signals: Signals = field(default_factory=Signals)  # what the backend reports about its load
     logged: State = "online"  # the state last logged: each change is logged once, where it is noticed
 
     # --- what requests report ------------------------------------------------------------------
 
-    def succeeded(self, latency: float) -> None:
+    def succeeded(self, ttft: float | None = None, per_token: float | None = None) -> None:
         self.outcomes.append((time.monotonic(), True))
         self.consecutive_failures = 0
         self.cooldown_until = 0.0
         self.proven = True
-        self.latency = latency if self.latency is None else (1 - _EWMA) * self.latency + _EWMA * latency
+        if ttft is not None:
+            self.ttft = _ewma(self.ttft, ttft)
+        if per_token is not None:
+            self.per_token = _ewma(self.per_token, per_token)
         if self.logged != "online":  # the common case costs one comparison
             self._log_change()
 
@@ -129,21 +140,25 @@ class BackendHealth:
         """Worth sending a request to now, before trying anything known to be down."""
         return not self.draining and self.state != "offline"
 
-    def score(self, best_latency: float | None) -> float:
+    def score(self, best_ttft: float | None, best_per_token: float | None = None) -> float:
         """Weight times health, shrunk by the requests already in flight here.
 
         Dividing in-flight by the weight keeps the configured split under load: a
         node with three times the weight carries three times the requests before
-        it looks busier than the other.
+        it looks busier than the other. A backend that reports a longer queue of
+        its own (vLLM's waiting requests, other clients' included) counts those too.
         """
         if self.weight <= 0:
             return 0.0
         health = 1.0 - self.error_rate
         if self.state == "degraded":
             health *= 0.5
-        if best_latency and self.latency and self.latency > 2 * best_latency:
-            health *= 2 * best_latency / self.latency  # much slower than the fastest peer
-        return self.weight * max(health, 0.01) / (1 + self.in_flight / self.weight)
+        slowest = max(_ratio(self.ttft, best_ttft), _ratio(self.per_token, best_per_token))
+        if slowest > 2:
+            health *= 2 / slowest  # much slower than the fastest peer, measured the same way
+        load = self.signals.load
+        busy = max(self.in_flight, load.running + load.waiting) if load is not None else self.in_flight
+        return self.weight * max(health, 0.01) / (1 + busy / self.weight)
 
     def snapshot(self) -> dict:
         return {
@@ -152,13 +167,47 @@ class BackendHealth:
             "in_flight": self.in_flight,
             "draining": self.draining,
             "error_rate": round(self.error_rate, 3),
-            "latency_ms": round(self.latency * 1000, 1) if self.latency is not None else None,
+            "ttft_ms": round(self.ttft * 1000, 1) if self.ttft is not None else None,
+            "ms_per_token": round(self.per_token * 1000, 2) if self.per_token is not None else None,
             "consecutive_failures": self.consecutive_failures,
             "cooldown_seconds": round(max(0.0, self.cooldown_until - time.monotonic()), 1),
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
             "version": self.version,
+            "signals": self.signals.snapshot(),
         }
+
+
+async def read_signals(backend, health: BackendHealth) -> None:
+    """Ask a backend for its load (adapters' ``load_signals``); a failure is noted, never raised: they are hints."""
+    reader = getattr(backend, "load_signals", None)
+    signals = health.signals
+    if reader is None or signals.refreshing:
+        return
+    signals.refreshing = True
+    try:
+        load, loaded = await reader()
+    except ProxyError as exc:
+        signals.error, signals.read_at = exc.message, time.monotonic()  # not again at once
+    else:
+        signals.reported(load, loaded)
+    finally:
+        signals.refreshing = False
+
+
+def _ewma(average: float | None, sample: float) -> float:
+    """The running average with one more sample, which counts at most ``_OUTLIER`` times the average.
+
+    One very long prompt (a slow first token) or one odd answer then nudges the figure instead of
+    throwing the backend out of rotation; a backend that really got slower gets there in a few requests.
+    """
+    if average is None:
+        return sample
+    return (1 - _EWMA) * average + _EWMA * min(sample, _OUTLIER * average)
+
+
+def _ratio(value: float | None, best: float | None) -> float:
+    return value / best if value and best else 1.0
 
 
 class Monitor:

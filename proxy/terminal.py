@@ -160,7 +160,7 @@ def status_tables(nodes: list[dict], status: dict, operations: list[dict]) -> li
     health = {b["name"]: b for b in status.get("backends", [])}
     node_table = Table(title="Nodes", title_justify="left", expand=False)
     for heading, justify in (("node", "left"), ("kind", "left"), ("state", "left"), ("version", "left"),
-                             ("gpu", "right"), ("in flight", "right"), ("queued", "right"), ("latency", "right"),
+                             ("gpu", "right"), ("in flight", "right"), ("queued", "right"), ("ttft", "right"),
                              ("installed", "left"), ("loaded", "left")):  # fmt: skip
         node_table.add_column(heading, justify=justify)  # type: ignore[arg-type]
     for node in nodes:
@@ -168,7 +168,7 @@ def status_tables(nodes: list[dict], status: dict, operations: list[dict]) -> li
         state = "draining" if node.get("draining") else node["state"]
         gpu = "-" if node.get("gpu_memory_gb") is None else f"{node['gpu_memory_gb']:g} GB"
         node_table.add_row(node["name"], node["kind"], state, node.get("version") or "-", gpu, str(node["in_flight"]),
-                           str(b.get("queue_depth", 0)), _ms(b.get("latency_ms")),
+                           str(b.get("queue_depth", 0)), _ms(b.get("ttft_ms")),
                            ", ".join(m["model"] for m in node.get("installed", [])) or "-",
                            ", ".join(m["model"] for m in node.get("loaded", [])) or "-")  # fmt: skip
     alias_table = Table(title="Aliases", title_justify="left")

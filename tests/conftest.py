@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import httpx
 import logging
 
+import httpx
 import openai
 import pytest
 

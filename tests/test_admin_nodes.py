@@ -115,6 +115,8 @@ def test_registration_is_checked_like_the_config_file(tmp_path):
 def test_a_config_node_can_be_drained_and_resumed_but_not_removed(tmp_path):
     models = [ModelSpec("llama3.1:8b")]
     with together(SimOllama(models=list(models)), SimOllama(models=list(models))) as (one, two):
+        for node in (one, two):  # loaded on both: otherwise requests rightly stay where it is loaded
+            node.load("llama3.1:8b")
         with running_proxy(fleet_config(tmp_path, {"one": one, "two": two})) as proxy, client(proxy) as http:
             refused = http.delete("/admin/nodes/one")
             assert refused.status_code == 409

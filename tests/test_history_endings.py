@@ -153,7 +153,7 @@ def test_backend_500_before_the_first_byte(proxy, sim):
     assert (r["status"], r["http_status"]) == ("error", 502)
     assert r["error"] and r["ttft_seconds"] is None
     assert_closed(r)
-    assert sim.failed == 1  # the backend really was asked
+    assert sim.failed >= 1  # the backend really was asked (and, alone for its model, asked again)
 
 
 def test_backend_unreachable(proxy):

@@ -35,6 +35,10 @@ def sims(trio):
         sim.reset()
         if sim.url is None or not _listening(sim):
             sim.start()
+    for sim in trio[:2]:
+        # Loaded on both, as the proxy reads from /api/ps at start: the weights decide between them
+        # (a node that would have to load it first is only used when the others are busy).
+        sim.load("llama3.1:8b")
     return trio
 
 

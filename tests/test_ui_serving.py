@@ -78,7 +78,7 @@ def test_events_stream_sends_the_fleet_then_new_requests(proxy, client):
                     break
     fleet = frames["fleet"]
     assert {b["name"] for b in fleet["backends"]} == {"ollama-1", "vllm-1"}
-    assert {"state", "latency_ms", "error_rate", "in_flight", "queue_depth", "kind", "version"} <= set(
+    assert {"state", "ttft_ms", "error_rate", "in_flight", "queue_depth", "kind", "version"} <= set(
         fleet["backends"][0]
     )
     assert "aliases" in fleet and "alias_mismatches" in fleet and isinstance(fleet["operations"], list)

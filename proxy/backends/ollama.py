@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -9,7 +10,8 @@ from datetime import datetime
 
 import orjson
 
-from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..errors import BackendAuthFailed, BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError
+from ..signals import Load, parse_ollama_ps
 from ..translate import ollama_chat, ollama_text
 from ..translate.model_info import ModelInfo, from_ollama_show
 from ._http import UpstreamStatus
@@ -52,7 +54,7 @@ class OllamaBackend(HTTPBackend):
         if exc.status in (503, 429):  # Ollama's queue is full: another node may take it
             return BackendUnavailable(f"{where} is busy: {msg}")
         if exc.status in (401, 403):
-            return BackendError(f"{where} refused the proxy's credentials ({exc.status})")
+            return BackendAuthFailed(f"{where} refused the proxy's credentials ({exc.status})")
         if 400 <= exc.status < 500:
             param = next((p for hint, p in _PARAM_HINTS if hint in msg), None)
             return BackendRejected(f"{where} rejected the request: {msg}", param=param)
@@ -93,6 +95,8 @@ class OllamaBackend(HTTPBackend):
         native, shape = ollama_chat.chat_request(body, target)
         lines = self._lines("/api/chat", native, target)
         if body.get("stream"):
+            # Ollama always reports usage: frame it always, the gateway drops it if the client did not ask.
+            shape = dataclasses.replace(shape, include_usage=True)
             return await primed(self._frames(lines, ollama_chat.ChatStream(shape)))
         return await self._collect(lines, ollama_chat.ChatAggregate(shape))
 
@@ -100,6 +104,7 @@ class OllamaBackend(HTTPBackend):
         native, shape = ollama_text.completion_request(body, target)
         lines = self._lines("/api/generate", native, target)
         if body.get("stream"):
+            shape = dataclasses.replace(shape, include_usage=True)
             return await primed(self._frames(lines, ollama_text.TextStream(shape)))
         return await self._collect(lines, ollama_text.TextAggregate(shape))
 
@@ -133,6 +138,14 @@ class OllamaBackend(HTTPBackend):
         except UpstreamStatus as exc:
             raise BackendError(f"backend {self.name!r} answered /api/version with {exc.status}") from None
         return answer.get("version") if isinstance(answer, dict) else None
+
+    async def load_signals(self) -> tuple[Load | None, dict[str, float] | None]:
+        """Which models are loaded here, until when (``/api/ps``); Ollama reports no queue."""
+        try:
+            ps = await self.http.get_json("/api/ps")
+        except UpstreamStatus as exc:
+            raise BackendError(f"backend {self.name!r} answered /api/ps with {exc.status}") from None
+        return None, {normalize(name): until for name, until in parse_ollama_ps(ps).items()}
 
     async def describe(self, model: ServedModel) -> ModelInfo:
         try:

@@ -6,10 +6,20 @@ but for the model name. Stream chunks are forwarded as they arrive.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError, TemplateRejected
+from ..errors import (
+    BackendAuthFailed,
+    BackendError,
+    BackendRejected,
+    BackendUnavailable,
+    ModelNotFound,
+    ProxyError,
+    TemplateRejected,
+)
+from ..signals import Load, parse_vllm_metrics
 from ..translate.model_info import ModelInfo, from_openai_card
 from ..translate.passthrough import ModelRenamer, request_body
 from ._http import UpstreamStatus, _error_message
@@ -40,6 +50,8 @@ def _template_complaint(message: str) -> dict | None:
 
 
 class OpenAIBackend(HTTPBackend):
+    _tokenizer: bool | None = None  # does the server have llama.cpp's /apply-template and /tokenize?
+
     def model_key(self, name: str) -> str:
         return name
 
@@ -52,7 +64,7 @@ class OpenAIBackend(HTTPBackend):
         if exc.status == 404 and ("model" in msg.lower() or param == "model"):
             return ModelNotFound(f"model {target!r} is not available on {where}: {msg}", param="model")
         if exc.status in (401, 403):  # the proxy's key for the backend is wrong: not the client's fault
-            return BackendError(f"{where} refused the proxy's credentials ({exc.status}); check its api_key")
+            return BackendAuthFailed(f"{where} refused the proxy's credentials ({exc.status}); check its api_key")
         if exc.status in (503, 429):
             return BackendUnavailable(f"{where} is busy: {msg}")
         if exc.status == 400 and (template := _template_complaint(msg)):
@@ -63,6 +75,12 @@ class OpenAIBackend(HTTPBackend):
 
     async def _send(self, path: str, body: dict, target: str) -> Reply:
         renamer = ModelRenamer(target, body["model"])
+        if body.get("stream"):
+            # Usage for every stream, so history and metrics have it; the gateway drops the usage
+            # chunk again when the client did not ask (proxy/usage.py).
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            if not options.get("include_usage"):
+                body = {**body, "stream_options": {**options, "include_usage": True}}
         payload = request_body(body, target)
         try:
             resp = await self.http.post(path, payload, stream=bool(body.get("stream")))
@@ -129,6 +147,45 @@ class OpenAIBackend(HTTPBackend):
         except UpstreamStatus as exc:
             raise BackendError(f"backend {self.name!r} answered {path} with {exc.status}") from None
         return None
+
+    async def load_signals(self) -> tuple[Load | None, dict[str, float] | None]:
+        """vLLM's queue and KV cache from its Prometheus ``/metrics``; other servers report nothing we read."""
+        if self.config.kind != "vllm":
+            return None, None
+        # A text answer, which Upstream.small (JSON only) does not read; its error mapping still applies.
+        async with self.http._mapped("requesting /metrics"), asyncio.timeout(self.http.timeouts.connect * 2):
+            resp = await self.http.client.get("/metrics")
+        if resp.status_code >= 300:
+            raise BackendError(f"backend {self.name!r} answered /metrics with {resp.status_code}")
+        return parse_vllm_metrics(resp.text), None
+
+    async def count_prompt(self, body: dict) -> int | None:
+        """The prompt's tokens by the server's own tokenizer, chat template included; None where it has none.
+
+        llama.cpp's server: ``/apply-template`` renders the messages, ``/tokenize`` counts them. Used
+        for the usage of streams from servers that send none; never raises.
+        """
+        if self._tokenizer is False:
+            return None
+        try:
+            if isinstance(body.get("messages"), list):
+                rendered = await self.http.small("POST", "/apply-template", {"messages": body["messages"]})
+                text = rendered.get("prompt") if isinstance(rendered, dict) else None
+            else:
+                text = body.get("prompt")
+            if not isinstance(text, str):
+                return None
+            answer = await self.http.small("POST", "/tokenize", {"content": text, "add_special": True})
+            tokens = answer.get("tokens") if isinstance(answer, dict) else None
+            count = len(tokens) if isinstance(tokens, list) else None
+        except UpstreamStatus as exc:
+            if exc.status in (404, 405, 501):
+                self._tokenizer = False  # no such endpoints: do not ask again
+            return None
+        except ProxyError:
+            return None
+        self._tokenizer = count is not None
+        return count
 
     async def describe(self, model: ServedModel) -> ModelInfo:
         return from_openai_card(model.details)

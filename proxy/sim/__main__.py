@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="installed model; repeat for several (default: a small built-in set)",
     )
+    ollama.add_argument("--num-ctx", type=int, default=4096, help="window of requests without options.num_ctx")
 
     vllm = kinds.add_parser("vllm", help="vLLM OpenAI-compatible server (/v1/*)")
     common(vllm, 8000)
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     vllm.add_argument("--no-system-role", action="store_true", help="reject system messages (Gemma-style template)")
     vllm.add_argument("--max-model-len", type=int, default=32768)
     vllm.add_argument("--embedding", action="store_true", help="serve an embedding model instead of a chat model")
+    vllm.add_argument("--no-stream-usage", action="store_true", help="no usage chunk in streams (like llama.cpp)")
+    vllm.add_argument("--max-num-seqs", type=int, default=256, help="running requests before more wait (/metrics)")
     add_switch_parser(kinds)
     return parser
 
@@ -63,7 +66,8 @@ def build(args: argparse.Namespace) -> SimOllama | SimVLLM:
     version = {"version": args.server_version} if args.server_version else {}
     if args.kind == "ollama":
         models = [guess_spec(name) for name in args.model] or None
-        return SimOllama(models=models, behavior=behavior, host=args.host, port=args.port, **version)
+        return SimOllama(models=models, behavior=behavior, host=args.host, port=args.port, num_ctx=args.num_ctx,
+                         **version)  # fmt: skip
     return SimVLLM(
         model=args.model,
         served_model_names=args.served_model_name,
@@ -72,6 +76,8 @@ def build(args: argparse.Namespace) -> SimOllama | SimVLLM:
         supports_system_role=not args.no_system_role,
         max_model_len=args.max_model_len,
         embedding=args.embedding,
+        stream_usage=not args.no_stream_usage,
+        max_num_seqs=args.max_num_seqs,
         host=args.host,
         port=args.port,
         **version,

@@ -79,9 +79,14 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
         host: str = "127.0.0.1",
         port: int = 0,
         version: str = "0.12.3",
+        num_ctx: int = 4096,
     ) -> None:
         self.models: list[ModelSpec] = list(models) if models is not None else default_models()
         self.version = version
+        # The window a request without options.num_ctx runs in (OLLAMA_CONTEXT_LENGTH); longer
+        # prompts are cut to it without an error, as Ollama does, and noted in `truncations`.
+        self.num_ctx = num_ctx
+        self.truncations: list[dict[str, Any]] = []
         self._loaded: dict[str, float] = {}  # canonical name -> expiry (epoch seconds)
         self._modified: dict[str, int] = {}  # canonical name -> modified_at (epoch ns)
         self._init_pulls()
@@ -116,6 +121,17 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
     def reset(self) -> None:
         super().reset()
         self._reset_pull_stats()
+        self.truncations = []
+
+    def _in_window(self, spec: ModelSpec, model: str, options: dict, prompt_tokens: int) -> int:
+        """The prompt tokens Ollama evaluates: all of them, or the last ``num_ctx`` (never more than trained)."""
+        asked = options.get("num_ctx")
+        window = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else self.num_ctx
+        window = min(window, spec.context_length)
+        if prompt_tokens <= window:
+            return prompt_tokens
+        self.truncations.append({"model": model, "prompt_tokens": prompt_tokens, "num_ctx": window})
+        return window
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "pulls": self.pull_stats()}
@@ -222,7 +238,7 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
         reply = compose_reply(
             behavior,
             last_user=(user_texts or texts or [""])[-1],
-            prompt_tokens=count_prompt_tokens(texts, len(messages)),
+            prompt_tokens=self._in_window(spec, model, options, count_prompt_tokens(texts, len(messages))),
             thinking=thinking,
             tools_offered=bool(tools),
             json_mode=fmt == "json",
@@ -293,10 +309,11 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
         if isinstance(fmt, str) and fmt not in ("", "json"):
             return error(400, 'invalid format: expected "json" or a valid JSON schema')
 
+        prompt_tokens = count_prompt_tokens([system, prompt, suffix], 2 if system else 1)
         reply = compose_reply(
             behavior,
             last_user=prompt,
-            prompt_tokens=count_prompt_tokens([system, prompt, suffix], 2 if system else 1),
+            prompt_tokens=self._in_window(spec, model, body.get("options") or {}, prompt_tokens),
             thinking=thinking,
             json_mode=fmt == "json",
             json_schema=fmt if isinstance(fmt, dict) else None,

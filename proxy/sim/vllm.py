@@ -28,8 +28,10 @@ from .behavior import (
     Reply,
     compose_reply,
     count_prompt_tokens,
+    count_words,
     embedding,
     l2_normalize,
+    token_ids,
 )
 from .core import Generation, ORJSONResponse, Output, SimBase, paced, request_json
 from .vllm_render import VLLMJob, VLLMRendering
@@ -65,8 +67,22 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
         port: int = 0,
         version: str = "0.11.0",
         embedding_dim: int = 768,
+        stream_usage: bool = True,
+        max_num_seqs: int = 256,
+        llamacpp: bool = False,
     ) -> None:
         self.model = model
+        # True: behave like llama.cpp's server where the proxy cares: no usage in streams, and its
+        # /apply-template and {"content"} form of /tokenize.
+        self.llamacpp = llamacpp
+        stream_usage = stream_usage and not llamacpp
+        # /metrics: generations beyond max_num_seqs count as waiting; `extra_waiting` and
+        # `kv_cache_usage` (None: running / max_num_seqs) let a test script another client's load.
+        self.max_num_seqs = max_num_seqs
+        self.extra_waiting = 0
+        self.kv_cache_usage: float | None = None
+        # False: ignore stream_options.include_usage, as llama.cpp's server does (no usage chunk).
+        self.stream_usage = stream_usage
         self.served_model_names = list(served_model_names or [model])
         self.api_key = api_key
         self.supports_system_role = supports_system_role
@@ -103,6 +119,9 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
             Route("/health", self._health, methods=["GET"]),
             Route("/ping", self._health, methods=["GET", "POST"]),
             Route("/version", self._version, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/tokenize", self._tokenize, methods=["POST"]),
+            *([Route("/apply-template", self._apply_template, methods=["POST"])] if self.llamacpp else []),
             Route("/v1/models", self._list_models, methods=["GET"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -129,6 +148,55 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
 
     async def _health(self, request: Request) -> Response:
         return Response(status_code=200)
+
+    async def _metrics(self, request: Request) -> Response:
+        """The load gauges of vLLM's Prometheus endpoint (v1 engine names and labels), live."""
+        active = self.active
+        running = min(active, self.max_num_seqs)
+        waiting = max(0, active - self.max_num_seqs) + self.extra_waiting
+        kv = self.kv_cache_usage if self.kv_cache_usage is not None else running / self.max_num_seqs
+        labels = f'{{engine="0",model_name="{self.model}"}}'
+        gauges = (
+            ("num_requests_running", "Number of requests in model execution batches.", running),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", waiting),
+            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv),
+        )
+        lines = []
+        for name, help_text, value in gauges:
+            lines += [f"# HELP vllm:{name} {help_text}", f"# TYPE vllm:{name} gauge"]
+            lines.append(f"vllm:{name}{labels} {float(value)}")
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _tokenize(self, request: Request) -> Response:
+        """vLLM's ``{prompt | messages}`` form, or llama.cpp's ``{content}``; counts agree with the usage."""
+        body, failure = self._read(request)
+        if failure:
+            return failure
+        if self.llamacpp and isinstance(body.get("content"), str):
+            return ORJSONResponse({"tokens": token_ids(body["content"].strip())})
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            count = count_prompt_tokens([text_of(m.get("content")) for m in messages if isinstance(m, dict)],
+                                        len(messages))  # fmt: skip
+        elif isinstance(body.get("prompt"), str):
+            count = count_words(body["prompt"])
+        else:
+            return validation_error("missing", ("prompt",), "Field required", body)
+        return ORJSONResponse({"count": count, "max_model_len": self.max_model_len, "tokens": list(range(count)),
+                               "token_strs": None})  # fmt: skip
+
+    async def _apply_template(self, request: Request) -> Response:
+        """llama.cpp: the chat template applied; four marker tokens per message, as the sim's usage counts."""
+        body, failure = self._read(request)
+        if failure:
+            return failure
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        prompt = "".join(
+            f"<|start|> {m.get('role', 'user')} <|sep|> {text_of(m.get('content'))} <|end|>\n"
+            for m in messages
+            if isinstance(m, dict)
+        )
+        return ORJSONResponse({"prompt": prompt})
 
     async def _version(self, request: Request) -> Response:
         return ORJSONResponse({"version": self.version})
@@ -204,7 +272,7 @@ class SimVLLM(VLLMRendering, Restartable, SimBase):
 
     def _usage_flags(self, body: dict) -> tuple[bool, bool]:
         options = body.get("stream_options")
-        if not isinstance(options, dict) or not body.get("stream"):
+        if not isinstance(options, dict) or not body.get("stream") or not self.stream_usage:
             return False, False
         include = options.get("include_usage", True) is not False  # defaults to true once the object is sent
         return include, include and bool(options.get("continuous_usage_stats"))

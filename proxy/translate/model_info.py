@@ -17,6 +17,7 @@ class ModelInfo:
     context_length: int | None = None
     system_role: bool | None = None  # does the chat template render system messages? None: unknown
     family: str | None = None
+    num_ctx: int | None = None  # the Modelfile's own num_ctx (Ollama), which replaces the server default
 
     def as_dict(self) -> dict:
         return {
@@ -24,6 +25,7 @@ class ModelInfo:
             "context_length": self.context_length,
             "system_role": self.system_role,
             "family": self.family,
+            "num_ctx": self.num_ctx,
         }
 
 
@@ -53,7 +55,17 @@ def from_ollama_show(show: dict) -> ModelInfo:
         context_length=context,
         system_role=renders_system(show.get("template")),
         family=details.get("family") or info.get("general.architecture"),
+        num_ctx=_modelfile_num_ctx(show.get("parameters")),
     )
+
+
+_NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)
+
+
+def _modelfile_num_ctx(parameters: object) -> int | None:
+    """``num_ctx 8192`` in ``/api/show``'s ``parameters`` (one ``name value`` per line)."""
+    match = _NUM_CTX.search(parameters) if isinstance(parameters, str) else None
+    return int(match.group(1)) if match else None
 
 
 def from_openai_card(card: dict) -> ModelInfo:

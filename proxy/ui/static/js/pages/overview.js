@@ -6,7 +6,7 @@ import { Charts } from "../charts.js";
 import { KeyedTable, badge, clock, h, section } from "../dom.js";
 
 export function mount(root, { store, confirm, notify }) {
-  const nodes = new KeyedTable("Nodes", ["Node", "State", "Kind", "Version", "Latency", "Error rate", "In flight", "Queued", "Serves", "Last error", "Actions"],
+  const nodes = new KeyedTable("Nodes", ["Node", "State", "Kind", "Version", "TTFT", "Error rate", "In flight", "Queued", "Serves", "Last error", "Actions"],
     { empty: "Waiting for the first report…" });
   const problems = h("div", { class: "problems" });
   const changes = h("ol", { class: "changes", "aria-label": "Recent changes" });
@@ -25,7 +25,7 @@ export function mount(root, { store, confirm, notify }) {
       h("td", {}, badge(backendState(b)), b.draining && b.state !== "online" ? ` (${b.state})` : ""),
       h("td", {}, b.kind),
       h("td", {}, b.version || "–"),
-      h("td", { class: "num" }, b.latency_ms === null ? "–" : `${Math.round(b.latency_ms)} ms`),
+      h("td", { class: "num" }, b.ttft_ms == null ? "–" : `${Math.round(b.ttft_ms)} ms`),
       h("td", { class: "num" }, `${Math.round((b.error_rate || 0) * 100)}%`),
       h("td", { class: "num" }, b.in_flight),
       h("td", { class: "num" }, b.queue_depth),
