@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .cron import Cron, CronError
+
 BackendKind = Literal["ollama", "vllm", "openai"]
 
 
@@ -55,6 +57,16 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 def _node_name(value: str) -> str | None:
     return None if NODE_NAME.fullmatch(value) else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _cron(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        Cron.parse(value)
+    except CronError as exc:
+        return f"not a cron expression: {exc}"
+    return None
 
 
 def _port(value: int) -> str | None:
@@ -253,6 +265,10 @@ class DistributionConfig:
     baseline: tuple[str, ...] = ()  # every node holds these
     fallback: tuple[str, ...] = ()  # and these where its tier allows
     manifest_path: str = "./llm-proxy-manifest.json"
+    # When to sync baseline and fallback models by itself: a five-field cron expression in local
+    # time ("0 3 * * *": every day at 03:00), inside pulls.window if one is set. One process of the
+    # fleet runs each firing. Empty: only on request (POST /admin/models/sync, llm-proxy sync).
+    schedule: str = field(default="", metadata=_check(_cron))
 
 
 @dataclass(frozen=True)
@@ -460,9 +476,23 @@ def _check_routing(config: Config, problems: list[str]) -> None:
         problems.append(f"health.max_cooldown: must be at least health.cooldown ({h.cooldown}), got {h.max_cooldown}")
     if config.pulls.window and not _WINDOW.fullmatch(config.pulls.window):
         problems.append(f"pulls.window: expected HH:MM-HH:MM (e.g. 01:00-05:00), got {config.pulls.window!r}")
+    _check_schedule(config, problems)
     tiers = [t.min_gpu_memory_gb for t in config.distribution.tiers if t is not None]
     if len(set(tiers)) != len(tiers):
         problems.append("distribution.tiers: two tiers have the same min_gpu_memory_gb")
+
+
+def _check_schedule(config: Config, problems: list[str]) -> None:
+    """A schedule must fire inside pulls.window at least sometimes, or its pulls would always wait."""
+    schedule, window = config.distribution.schedule, config.pulls.window
+    if not schedule or not window or _cron(schedule) or not _WINDOW.fullmatch(window):
+        return
+    start, end = (int(t[:2]) * 60 + int(t[3:]) for t in window.split("-"))
+    inside = [m for m in Cron.parse(schedule).times_of_day()
+              if start == end or (start <= m < end if start < end else (m >= start or m < end))]  # fmt: skip
+    if not inside:
+        problems.append(f"distribution.schedule: {schedule!r} never fires inside pulls.window ({window}); "
+                        "pick a time in the window")  # fmt: skip
 
 
 _WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")

@@ -6,6 +6,11 @@ shows how the parts fit: backends (adapters) -> health and admission per backend
 (choice and failover) -> gateway (the HTTP-facing chain), with storage, history,
 cache and metrics beside it. The app keeps the
 result on ``app.state.services``; nothing lives in module globals.
+
+The process is not alone (``serve --workers N``): what all processes must agree
+on (registered nodes, drains, aliases, operations, health) goes through the
+fleet store (:mod:`proxy.store`), whose change feed applies the others' changes
+here in the background.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from .routing import Router
 from .storage import Database
 from .storage.background import Periodic
 from .storage.sealed import Sealer, key_path_for
+from .store import ChangeFeed, FleetStore, SQLiteStore
+from .store.base import HEALTH
+from .store.health import HealthShare
 
 log = logging.getLogger("llm_proxy")
 
@@ -56,6 +64,8 @@ class Services:
     fleet: Fleet | None = None  # the admin side: nodes, operations, activation (proxy/operations)
     sealer: Sealer | None = None  # encrypts the secrets kept in the database
     storage_watch: Periodic | None = None  # notices a database file deleted or replaced under us
+    store: FleetStore | None = None  # state shared with the other proxy processes
+    feed: ChangeFeed | None = None  # their changes, applied here
 
     @classmethod
     async def open(cls, config: Config) -> Services:
@@ -77,6 +87,11 @@ class Services:
         router.on_model_missing = lambda c: catalog.recheck_soon()
         services.sealer = sealer
         services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
+        services.store = SQLiteStore(db)
+        services.feed = ChangeFeed(services.store)
+        share = HealthShare(services.store, catalog.health)
+        services.feed.on(HEALTH, share.apply)
+        services.feed.every(0.0, share.publish)
         for backend in config.backends:
             services.add_backend(backend)
         services.fleet = Fleet(services)
@@ -119,6 +134,7 @@ class Services:
             log.info("backend %s: %s", name, state)
         self.monitor.start()
         self.storage_watch.start()
+        self.feed.start()
 
     def remove_backend(self, name: str) -> None:
         """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
@@ -128,6 +144,7 @@ class Services:
 
     async def close(self) -> None:
         await self.storage_watch.close()
+        await self.feed.close()
         await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))

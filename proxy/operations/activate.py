@@ -180,7 +180,7 @@ class Activator:
         nodes, children = op.params["nodes"], op.params.get("children", [])
         for child in children:
             if manager.get(child).state in RETRYABLE:
-                manager.retry(child)
+                await manager.retry(child)
         if children:
             manager.say(op, f"pulling {op.model} on {len(children)} node(s)")
             failed = [f"{c.node}: {c.error or c.state}" for c in await manager.follow(op, children)

@@ -6,6 +6,10 @@ aliases are in place before the first request), and closed first at shutdown
 (running operations end as ``interrupted`` while the history can still record
 it). The admin handlers call the methods here; each checks what it is asked and
 raises a 4xx ProxyError before anything starts.
+
+The state is shared with the other proxy processes through the fleet store
+(``services.store``): this process's changes are written there, theirs arrive
+through the change feed (``services.feed``), whose handlers are wired here.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING
 from ..backends.ollama import normalize
 from ..config import BackendConfig
 from ..errors import Conflict, InvalidRequest
+from ..store.base import ALIAS, CANCEL, DRAIN, NODES, OPERATION, Change
 from .activate import Activator
 from .aliases import AliasOverrides
 from .audit import Audit
@@ -28,6 +33,7 @@ from .model import Operation
 from .node_store import NodeStore
 from .pulls import DeleteRunner, PullRunner
 from .registry import NodeRegistry
+from .schedule import CHECK_INTERVAL, Scheduler
 from .store import OperationStore
 from .sync import SyncNode, SyncRunner, collect
 
@@ -37,28 +43,63 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_proxy.fleet")
 
 _DELETE_WAIT = 30.0  # seconds a DELETE /admin/models request waits for its deletions
+_EXPIRE_INTERVAL = 2.0  # seconds between looks for operations whose runner is gone
 
 
 class Fleet:
     def __init__(self, services: Services) -> None:
         self.services = services
         config = services.config
-        db = services.db
+        self.store, self.feed = services.store, services.feed
         self.audit = Audit(getattr(services, "history", None))
-        self.registry = NodeRegistry(services, NodeStore(db, services.sealer))
-        self.aliases = AliasOverrides(db, services.resolver)
-        self.manager = OperationManager(config.pulls, OperationStore(db), self.audit)
+        self.registry = NodeRegistry(services, NodeStore(self.store, services.sealer))
+        self.aliases = AliasOverrides(self.store, services.resolver)
+        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit)
         self.activator = Activator(self)
         self.manager.register("pull", self._after(PullRunner(self.registry, config.pulls)))
         self.manager.register("delete", self._after(DeleteRunner(self.registry)))
         self.manager.register("activate", self.activator)
         self.manager.register("sync", SyncRunner(self.sync_nodes, config.distribution.manifest_path))
         self._background: set[asyncio.Task] = set()
+        self.scheduler = None
+        if config.distribution.schedule:
+            self.scheduler = Scheduler(config.distribution.schedule, self.store, self._scheduled_sync)
+            self.feed.every(CHECK_INTERVAL, self.scheduler.tick)
+        self.feed.on(NODES, self._theirs(self.registry.reload))
+        self.feed.on(DRAIN, self._theirs(self.registry.apply_drain))
+        self.feed.on(ALIAS, self._theirs(lambda change: self.aliases.apply()))
+        self.feed.on(OPERATION, self.manager.apply_change)
+        self.feed.on(CANCEL, self.manager.apply_cancel)
+        self.feed.every(_EXPIRE_INTERVAL, self.manager.expire)
+
+    def _theirs(self, handler):
+        """Only changes made by another process: this one applied its own when it made them."""
+        return lambda change: None if change.origin == self.store.instance else handler(change)
 
     async def start(self) -> None:
+        await self.feed.begin()  # first: a change made while we load is applied again, never missed
         await self.registry.load()
         await self.aliases.apply()
         await self.manager.start()
+
+    async def catch_up(self) -> None:
+        """Apply what other processes changed and this one has not read yet (before an admin read)."""
+        await self.feed.poll()
+
+    async def settle(self) -> None:
+        """Write this process's pending operation changes, so other processes see them (before a 202)."""
+        await self.manager.flush()
+
+    async def _scheduled_sync(self) -> None:
+        async def run() -> None:
+            try:
+                answer = await self.sync(dry_run=False, skip_existing=False, no_download=False, manifest_path=None)
+                log.info("scheduled sync: %d planned pull(s), operation %s", len(answer["operations"]),
+                         answer["operation"]["id"])  # fmt: skip
+            except Exception:
+                log.exception("the scheduled sync failed")
+
+        self._spawn(run())  # in the background: collecting what nodes hold must not hold up the feed
 
     async def close(self) -> None:
         try:
@@ -106,13 +147,13 @@ class Fleet:
         if self.registry.source(name) == "registered":
             for op in self.manager.list(node=name, limit=10_000):
                 if op.active:
-                    self.manager.cancel(op.id)
+                    await self.manager.cancel(op.id)
         outcome = await self.registry.remove(name, timeout=timeout, force=force)
         self.audit.action("remove_node", node=name)
         return outcome
 
-    def drain_node(self, name: str, draining: bool) -> None:
-        self.registry.drain(name, draining)
+    async def drain_node(self, name: str, draining: bool) -> None:
+        await self.registry.set_drain(name, draining)
         self.audit.action("drain" if draining else "resume", node=name)
 
     # --- pulls and deletes ----------------------------------------------------------------------
