@@ -8,6 +8,7 @@ that it does. Each point is checked with counts: N of N reads agree.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -179,7 +180,7 @@ def test_an_operation_is_read_followed_cancelled_and_retried_from_any_worker(fle
             with http.stream("GET", f"/admin/operations/{op_id}/events") as response:
                 for line in response.iter_lines():
                     if line.startswith("data: "):
-                        frames.append(__import__("json").loads(line[6:]))
+                        frames.append(json.loads(line[6:]))
 
     threads = [threading.Thread(target=follow, args=(frames,)) for frames in streams]
     for thread in threads:
