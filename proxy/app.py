@@ -18,7 +18,7 @@ from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
 from .ingress import ANTHROPIC, count_tokens
-from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth
+from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth, UnexpectedErrors
 from .services import Services
 
 log = logging.getLogger("llm_proxy")
@@ -40,25 +40,29 @@ async def embeddings(request: Request):
     return await _gateway(request).generate(request, "embeddings")
 
 
-async def messages(request: Request):
+async def _in_anthropic_shape(request: Request, call) -> Response:
     # Errors are rendered here, in Anthropic's shape, rather than by the app's OpenAI-shaped handlers.
     try:
-        return await _gateway(request).generate(request, "chat", ANTHROPIC)
+        return await call()
     except ProxyError as exc:
         return anthropic_error_response(exc)
     except Exception as exc:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return anthropic_error_response(internal_error())
+        request_id = getattr(request.state, "request_id", None)
+        log.error("request %s (%s %s) failed: %s: %s", request_id or "-", request.method, request.url.path,
+                  type(exc).__name__, exc)  # fmt: skip
+        log.debug("traceback of request %s", request_id or "-", exc_info=exc)
+        problem = internal_error()
+        if request_id:
+            problem.headers = {"x-request-id": request_id}
+        return anthropic_error_response(problem)
+
+
+async def messages(request: Request):
+    return await _in_anthropic_shape(request, lambda: _gateway(request).generate(request, "chat", ANTHROPIC))
 
 
 async def messages_count_tokens(request: Request):
-    try:
-        return await count_tokens(request, _gateway(request))
-    except ProxyError as exc:
-        return anthropic_error_response(exc)
-    except Exception as exc:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return anthropic_error_response(internal_error())
+    return await _in_anthropic_shape(request, lambda: count_tokens(request, _gateway(request)))
 
 
 async def list_models(request: Request):
@@ -98,7 +102,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette's last resort, reached only if UnexpectedErrors (which logs) could not answer; Starlette
+    # re-raises after this, and uvicorn logs that, so logging here would only repeat it.
     return error_response(internal_error())
 
 
@@ -129,6 +134,8 @@ def create_app(config: Config) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[
+            # First, so it wraps everything below: an unexpected exception stops there, answered and logged once.
+            Middleware(UnexpectedErrors),
             Middleware(APIKeyAuth, keys=config.server.api_keys),
             Middleware(AdminAuth, keys=config.server.admin_keys),
         ],

@@ -70,13 +70,9 @@ class Catalog:
             health.probed(True, version=version)
             models = await backend.list_models()
         except ProxyError as exc:
-            health.probed(False, error=exc.message)
-            if view.reachable is not False:
-                log.warning("backend %s is not answering: %s", name, exc.message)
+            health.probed(False, error=exc.message)  # which logs the change of state, once
             view.reachable, view.error = False, exc.message
         else:
-            if view.reachable is False:
-                log.info("backend %s is answering again", name)
             view.reachable, view.error, view.models = True, None, tuple(models)
             view.index = {backend.model_key(m.name): m.name for m in models}
             await self._describe(name, backend, view)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 
@@ -59,34 +58,33 @@ def routing_table(config: Config) -> str:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import configure_logging
+
+    configure_logging(level)  # the same format uvicorn's workers get (proxy/server.py)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from .server import BindError, bind_socket, run
 
     config = _load(args.config, args.host, args.port)
+    try:
+        # First of all: a port in use fails now, not after migrations and the first health round.
+        sock = bind_socket(config.server.host, config.server.port)
+    except BindError as exc:
+        print(f"llm-proxy: {exc}", file=sys.stderr)
+        return 1
     _configure_logging(args.log_level)
-    options = dict(
-        host=config.server.host,
-        port=config.server.port,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=30,
-    )
+    logs = {"log_level": args.log_level, "access_log": args.access_log}
     if args.workers > 1:
         # Each worker process builds its own app from the same file.
         os.environ["LLM_PROXY_CONFIG"] = os.path.abspath(args.config)
         if config.metrics.enabled:
             _multiprocess_metrics()
-        uvicorn.run("proxy.app:app_from_env", factory=True, workers=args.workers, **options)
-    else:
-        uvicorn.run(create_app(config), **options)
-    return 0
+        run("proxy.app:app_from_env", config, sock, workers=args.workers, **logs)
+        return 0
+    from .app import create_app
+
+    return 0 if run(create_app(config), config, sock, **logs) else 1
 
 
 def _multiprocess_metrics() -> None:
@@ -129,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _configure_logging(args.log_level)
-    return run_demo(host=args.host, port=args.port)
+    return run_demo(host=args.host, port=args.port, log_level=args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:

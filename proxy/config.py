@@ -88,6 +88,9 @@ class ServerConfig:
     admin_keys: tuple[str, ...] = field(default=(), repr=False)
     # Largest request body accepted; image data URLs make chat bodies large.
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_check(_positive))
+    # Seconds a client may take to send its request head, and then its body (proxy/server.py).
+    header_timeout: float = field(default=10.0, metadata=_check(_positive))
+    body_timeout: float = field(default=60.0, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class TimeoutConfig:
     connect: float = field(default=5.0, metadata=_check(_positive))
     first_byte: float = field(default=300.0, metadata=_check(_positive))
     idle: float = field(default=60.0, metadata=_check(_positive))
+    # Longest NDJSON line or SSE event a backend may send; the stream fails beyond it.
+    max_line_bytes: int = field(default=16 * 1024 * 1024, metadata=_check(_positive))
 
 
 @dataclass(frozen=True)

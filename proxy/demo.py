@@ -54,22 +54,29 @@ def demo_config(ollama_url: str, vllm_url: str, host: str, port: int, storage: s
     )
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 8080) -> int:
-    import uvicorn
-
+def run_demo(host: str = "127.0.0.1", port: int = 8080, log_level: str = "warning") -> int:
     from .app import create_app
+    from .server import BindError, bind_socket, run
 
+    try:
+        # Listen first: the banner below must not promise a port that turns out to be taken.
+        sock = bind_socket(host, port)
+    except BindError as exc:
+        print(f"llm-proxy demo: {exc}", file=sys.stderr)
+        return 1
     # A little pacing, so streaming is visible in a terminal.
     paced = Behavior(ttft=0.05, tokens_per_second=30)
     ollama = SimOllama(behavior=paced).start()
     vllm = SimVLLM(model="Qwen/Qwen2.5-7B-Instruct", served_model_names=["qwen2.5-7b"], behavior=paced).start()
     try:
+        port = sock.getsockname()[1]  # the one bound, should port be 0
         # The demo's history and cache live in a throwaway database.
         config = demo_config(ollama.url, vllm.url, host, port, tempfile.mkdtemp(prefix="llm-proxy-demo-") + "/demo.db")
         url = f"http://{host}:{port}"
         print(_INSTRUCTIONS.format(url=url, ollama=ollama.url, vllm=vllm.url), file=sys.stderr, flush=True)
-        uvicorn.run(create_app(config), host=host, port=port, log_level="warning", loop="uvloop", http="httptools")
+        started = run(create_app(config), config, sock, log_level=log_level)
     finally:
         ollama.stop()
         vllm.stop()
-    return 0
+        sock.close()
+    return 0 if started else 1

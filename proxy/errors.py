@@ -111,6 +111,14 @@ class ClientGone(ProxyError):
     code = "client_closed_request"
 
 
+class RequestTimeout(ProxyError):
+    """The client did not send its whole request in time (``server.header_timeout``/``body_timeout``)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class UnsupportedParameter(InvalidRequest):
     """A parameter the chosen backend cannot honour: refused rather than silently dropped."""
 

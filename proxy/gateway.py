@@ -104,6 +104,7 @@ class Gateway:
             exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
         else:  # an endpoint path passes through Exchange's operation -> endpoint map as itself
             exchange = Exchange(self.history, self.metrics, ingress.endpoint, ingress.key(request.scope))
+        request.state.request_id = exchange.id  # for UnexpectedErrors' log line and its 500
         try:
             return await self._generate(request, operation, exchange, ingress)
         except ProxyError as exc:

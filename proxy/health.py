@@ -52,6 +52,7 @@ class BackendHealth:
     last_error_at: float | None = None  # time.time(), for humans
     version: str | None = None
     outcomes: deque = field(default_factory=lambda: deque(maxlen=_WINDOW))
+    logged: State = "online"  # the state last logged: each change is logged once, where it is noticed
 
     # --- what requests report ------------------------------------------------------------------
 
@@ -61,6 +62,8 @@ class BackendHealth:
         self.cooldown_until = 0.0
         self.proven = True
         self.latency = latency if self.latency is None else (1 - _EWMA) * self.latency + _EWMA * latency
+        if self.logged != "online":  # the common case costs one comparison
+            self._log_change()
 
     def failed(self, reason: str) -> None:
         was = self.state
@@ -71,23 +74,36 @@ class BackendHealth:
         self.cooldown_until = time.monotonic() + pause
         self.last_error, self.last_error_at = reason, time.time()
         if was != "offline":
-            log.warning("backend %s is offline for %.1fs after a failure: %s", self.name, pause, reason)
+            self._log_change(f"{reason} (retried in {pause:.1f}s)")
 
     # --- what the monitor reports --------------------------------------------------------------
 
     def probed(self, ok: bool, error: str | None = None, version: str | None = None) -> None:
-        before = self.probe_ok
         self.probe_ok = ok
         if ok:
             self.version = version or self.version
             if self.cooldown_until:
                 self.cooldown_until = 0.0  # it answers again: let requests find out whether it works
-            if before is False:
-                log.info("backend %s answers its health check again", self.name)
+            log.debug("backend %s answers its health check", self.name)
         else:
             self.last_error, self.last_error_at = error, time.time()
-            if before is not False:
-                log.warning("backend %s fails its health check: %s", self.name, error)
+            log.debug("backend %s fails its health check: %s", self.name, error)
+        self._log_change(None if ok else f"health check failed: {error}")
+
+    def _log_change(self, reason: str | None = None) -> None:
+        """Log a change of :attr:`state` once: offline as a warning with its reason, the rest as info."""
+        state = self.state
+        was, self.logged = self.logged, state
+        if state == was:
+            return
+        if state == "offline":
+            log.warning("backend %s is offline: %s", self.name, reason or self.last_error)
+        elif was == "offline":
+            log.info("backend %s is back (%s)", self.name, state)
+        elif state == "degraded":
+            log.info("backend %s is degraded: %.0f%% of its recent requests failed", self.name, 100 * self.error_rate)
+        else:
+            log.info("backend %s is online again", self.name)
 
     # --- what the router reads -----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 
 from .errors import (
     Forbidden,
@@ -12,6 +13,7 @@ from .errors import (
     UnsupportedMediaType,
     anthropic_error_response,
     error_response,
+    internal_error,
 )
 
 # Anthropic's clients send their key as x-api-key (the anthropic SDK, coding agents), some as a bearer.
@@ -207,3 +209,57 @@ class AdminAuth:
                 await error_response(problem)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+log = logging.getLogger("llm_proxy")
+
+
+class UnexpectedErrors:
+    """The outermost layer: an exception nothing else handled becomes one OpenAI-shaped 500 and one log line.
+
+    Starlette's own last resort answers 500 and then re-raises, so uvicorn logs a traceback
+    for every such request and drops the client's keep-alive connection. Here the
+    exception stops: the client gets ``internal_error`` (with ``x-request-id`` when the
+    gateway had opened the request), the connection stays usable, and the log gets one
+    ERROR line naming the request; the traceback only at DEBUG, since a failing request
+    repeated by a busy client would otherwise flood the log.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})  # the gateway puts the request id here
+        started = finished = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - this is the place where every exception stops
+            request_id = state.get("request_id")
+            log.error("request %s (%s %s) failed: %s: %s", request_id or "-", scope.get("method"),
+                      scope.get("path"), type(exc).__name__, exc)  # fmt: skip
+            log.debug("traceback of request %s", request_id or "-", exc_info=exc)
+            try:
+                if not started:
+                    problem = internal_error()
+                    if request_id:
+                        problem.headers = {"x-request-id": request_id}
+                    await error_response(problem)(scope, receive, send)
+                elif not finished:
+                    # End the body where it is. For a chunked answer this keeps the connection; for one
+                    # with a Content-Length the server refuses the short body and closes the connection,
+                    # which is right: the client must not take a cut answer for a whole one.
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except Exception as late:  # noqa: BLE001 - the client is gone or the server gave up on it
+                log.debug("request %s: could not end the answer: %s", request_id or "-", late)

@@ -108,7 +108,7 @@ class SSEResponse:
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await self._send(receive, send)
+            await self._send(scope, receive, send)
         except BaseException:
             self.status = "cancelled"  # the server gave up on the connection (shutdown, client reset)
             raise
@@ -116,7 +116,7 @@ class SSEResponse:
             if self.on_done is not None:
                 self.on_done(self.status, 200, self.error)
 
-    async def _send(self, receive, send) -> None:
+    async def _send(self, scope, receive, send) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -139,8 +139,11 @@ class SSEResponse:
             except OSError:  # the server could not write: the client went away
                 self.status = "cancelled"
                 return
-            except Exception:
-                log.exception("stream failed after it started")
+            except Exception as exc:
+                # One line per failed stream, as for any unexpected error (middleware.UnexpectedErrors)
+                request_id = scope.get("state", {}).get("request_id", "-")
+                log.error("request %s: stream failed after it started: %s: %s", request_id, type(exc).__name__, exc)
+                log.debug("traceback of request %s", request_id, exc_info=exc)
                 self.status, self.error = "error", internal_error()
                 tail = self.error_event(self.error)
             finally:

@@ -2,8 +2,9 @@
 
 Each backend gets one pooled ``httpx.AsyncClient``. Three timeouts apply:
 connecting, waiting for the first byte of the answer (long, since a cold node may
-be loading a model), and the idle gap between two chunks of a stream. httpx has a
-single read timeout for both of the last two, so they are enforced here instead.
+be loading a model), and the idle gap between two complete lines (NDJSON) or events
+(SSE) of a stream. httpx has a single read timeout for both of the last two, so they
+are enforced here instead, with a cap on how long an unfinished line may grow.
 """
 
 from __future__ import annotations
@@ -138,12 +139,21 @@ class Upstream:
                         raise UpstreamStatus(resp.status_code, message, err)
         return resp
 
-    async def chunks(self, resp: httpx.Response) -> AsyncIterator[bytes]:
-        """The raw body of a streamed response, each read bounded by the idle timeout."""
+    async def chunks(self, resp: httpx.Response, *, sse: bool = False) -> AsyncIterator[bytes]:
+        """The raw body of a streamed response, chunk by chunk as it arrives.
+
+        The idle timeout counts from the last complete frame, an NDJSON line (or an SSE
+        event, blank-line terminated, with ``sse``), not from the last byte: a backend that
+        sends a space a second without ever finishing a line is idle. The bytes since the
+        last frame end may not exceed ``max_line_bytes``.
+        """
         reader = resp.aiter_raw().__aiter__()
         # Every read happens in the request's task (routing reads the first chunk, the response the
         # rest), so the task the watchdog may cancel is looked up once.
         watchdog = _Watchdog(asyncio.get_running_loop(), self.timeouts.idle, asyncio.current_task())
+        cap = self.timeouts.max_line_bytes
+        partial = 0  # bytes received since the last complete frame
+        tail = b""  # the end of the previous chunk, where an SSE terminator may have begun
         try:
             while True:
                 watchdog.arm()
@@ -158,8 +168,21 @@ class Upstream:
                     raise
                 except (httpx.HTTPError, TimeoutError) as exc:
                     raise self._map(exc, "streaming the answer") from exc
-                finally:
-                    watchdog.disarm()
+                if sse:
+                    end = _event_end(chunk, tail)
+                    tail = chunk[-2:] if len(chunk) >= 2 else (tail + chunk)[-2:]
+                else:
+                    end = chunk.rfind(b"\n") + 1
+                if end:
+                    partial = len(chunk) - end
+                    watchdog.disarm(progress=True)
+                else:
+                    partial += len(chunk)
+                    watchdog.disarm(progress=False)
+                if partial > cap:
+                    what = "an SSE event" if sse else "a line"
+                    raise BackendError(f"backend {self.name!r} sent {what} longer than {cap} bytes "
+                                       "(timeouts.max_line_bytes) without ending it")  # fmt: skip
                 yield chunk
         finally:
             watchdog.stop()
@@ -167,15 +190,23 @@ class Upstream:
 
     async def lines(self, resp: httpx.Response) -> AsyncIterator[dict]:
         """NDJSON objects from a streamed response (Ollama)."""
-        pending = b""
+        parts: list[bytes] = []  # the unfinished line, in pieces: joined once, not once per chunk
         async with aclosing(self.chunks(resp)) as chunks:
             async for chunk in chunks:
-                if pending:
-                    chunk = pending + chunk
-                *complete, pending = chunk.split(b"\n")
+                if b"\n" not in chunk:
+                    parts.append(chunk)
+                    continue
+                if parts:
+                    parts.append(chunk)
+                    chunk = b"".join(parts)
+                    parts = []
+                *complete, rest = chunk.split(b"\n")
+                if rest:
+                    parts.append(rest)
                 for line in complete:
                     if line.strip():
                         yield self._decode(line)
+        pending = b"".join(parts)
         if pending.strip():
             yield self._decode(pending)
 
@@ -189,41 +220,62 @@ class Upstream:
         return obj
 
 
+def _event_end(chunk: bytes, tail: bytes) -> int:
+    """Where the last SSE event in ``chunk`` ends (just past its blank line), 0 if none ends there.
+
+    LF and CRLF framing both occur (vLLM: LF; sse-starlette servers: CRLF). ``tail``, the
+    previous chunk's last bytes, catches a terminator split across two chunks.
+    """
+    lf, crlf = chunk.rfind(b"\n\n"), chunk.rfind(b"\n\r\n")
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+    if end or not tail:
+        return end
+    joint = tail + chunk[:2]
+    lf, crlf = joint.rfind(b"\n\n"), joint.rfind(b"\n\r\n")
+    end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+    return max(end - len(tail), 0)
+
+
 class _Watchdog:
-    """The idle timeout between chunks, for the price of a clock read per chunk.
+    """The idle timeout between complete frames, for the price of a clock read per chunk.
 
     ``asyncio.timeout`` around every read schedules and cancels a timer per chunk;
     here one timer per stream wakes up at most once per ``seconds``, and cancels the
-    reading task only if it has been waiting on the same read all that time.
+    reading task only if it has spent that long in reads since the last frame ended.
+    Time outside reads (the client being slow to take what was sent) does not count.
     """
 
-    __slots__ = ("loop", "seconds", "reader", "task", "since", "handle", "fired")
+    __slots__ = ("loop", "seconds", "reader", "task", "started", "waited", "handle", "fired")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, reader: asyncio.Task | None) -> None:
         self.loop = loop
         self.seconds = seconds
         self.reader = reader
         self.task: asyncio.Task | None = None
-        self.since = 0.0
+        self.started = 0.0  # when the current read began
+        self.waited = 0.0  # seconds spent in earlier reads since the last complete frame
         self.handle: asyncio.TimerHandle | None = None
         self.fired = False
 
     def arm(self) -> None:
+        """A read begins."""
         self.task = self.reader
-        self.since = self.loop.time()
+        self.started = self.loop.time()
         if self.handle is None:
-            self.handle = self.loop.call_at(self.since + self.seconds, self._check)
+            self.handle = self.loop.call_at(self.started + self.seconds - self.waited, self._check)
 
-    def disarm(self) -> None:
+    def disarm(self, progress: bool) -> None:
+        """The read returned; ``progress``: it completed a frame."""
         self.task = None
+        self.waited = 0.0 if progress else self.waited + self.loop.time() - self.started
 
     def _check(self) -> None:
         self.handle = None
         if self.task is None:
             return  # not waiting on a read; the next arm() starts a timer again
-        left = self.since + self.seconds - self.loop.time()
+        left = self.seconds - self.waited - (self.loop.time() - self.started)
         if left > 0:
-            self.handle = self.loop.call_at(self.since + self.seconds, self._check)
+            self.handle = self.loop.call_later(left, self._check)
             return
         self.fired = True
         self.task.cancel()

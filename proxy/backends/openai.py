@@ -12,8 +12,17 @@ from contextlib import aclosing
 from ..errors import BackendError, BackendRejected, BackendUnavailable, ModelNotFound, ProxyError, TemplateRejected
 from ..translate.model_info import ModelInfo, from_openai_card
 from ..translate.passthrough import ModelRenamer, request_body
-from ._http import UpstreamStatus
+from ._http import UpstreamStatus, _error_message
 from .base import HTTPBackend, Reply, ServedModel, primed
+
+_ERROR_EVENT = b'data: {"error"'
+
+
+def _event_message(event: bytes) -> str:
+    """The message of an SSE error event (``data: {"error": {...}}``), as far as it arrived."""
+    data = event[6:].split(b"\n", 1)[0].strip()  # after "data: "
+    message, _ = _error_message(data)
+    return message or "an error event without a message"
 
 
 def _template_complaint(message: str) -> dict | None:
@@ -65,11 +74,26 @@ class OpenAIBackend(HTTPBackend):
 
     async def _frames(self, resp, renamer: ModelRenamer) -> AsyncIterator[bytes]:
         finished = False
-        async with aclosing(self.http.chunks(resp)) as chunks:
+        error = b""  # an in-band error event, once one began
+        async with aclosing(self.http.chunks(resp, sse=True)) as chunks:
             async for chunk in chunks:
-                if b"[DONE]" in chunk:
-                    finished = True
-                yield renamer.stream(chunk)
+                if error:
+                    error += chunk
+                elif b'"error"' in chunk and (at := chunk.find(_ERROR_EVENT)) >= 0:
+                    # vLLM and llama.cpp report a failure after the 200 as `data: {"error": ...}` and
+                    # may then send [DONE], which would tell the client the answer is complete.
+                    if at and (before := renamer.stream(chunk[:at])):
+                        yield before
+                    error = chunk[at:]
+                else:
+                    if b"[DONE]" in chunk:
+                        finished = True
+                    yield renamer.stream(chunk)
+                    continue
+                if b"\n\n" in error or b"\n\r\n" in error:
+                    break
+        if error:
+            raise BackendError(f"backend {self.name!r} failed mid-answer: {_event_message(error)}")
         rest = renamer.flush()
         if rest:
             yield rest

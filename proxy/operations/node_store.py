@@ -24,7 +24,7 @@ import orjson
 
 from ..config import BackendConfig, ConfigError, parse_config
 from ..errors import Conflict, InvalidRequest
-from ..storage.sealed import SealError, Sealer
+from ..storage.sealed import Sealer, SealError
 from ..store.base import FleetStore
 
 log = logging.getLogger("llm_proxy.nodes")

@@ -21,7 +21,11 @@ from typing import Any
 
 import orjson
 
-FAILURE_MODES = frozenset({"http_500", "busy", "hang", "die_mid_stream", "error_mid_stream", "not_found"})
+# Streams that never finish their line (NDJSON) or event (SSE), after fail_after_chunks good
+# chunks: "trickle" sends a space every trickle_interval seconds, "endless_line" sends bytes
+# without a newline as fast as the client reads. Streaming requests only; the others answer normally.
+STALL_FAILURES = frozenset({"trickle", "endless_line"})
+FAILURE_MODES = STALL_FAILURES | {"http_500", "busy", "hang", "die_mid_stream", "error_mid_stream", "not_found"}
 # Failures that happen after some output went out; the others answer at once (or never).
 MID_STREAM_FAILURES = frozenset({"die_mid_stream", "error_mid_stream"})
 
@@ -138,8 +142,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "fail_times": (int,),
     "json_reply": (dict,),
     "pull": (PullBehavior,),
+    "trickle_interval": (int, float),
 }
-_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks", "pull"})  # the rest may be None
+# The rest may be None.
+_REQUIRED = frozenset({"ttft", "tokens_per_second", "fail_after_chunks", "pull", "trickle_interval"})
 
 
 @dataclass
@@ -162,6 +168,7 @@ class Behavior:
     fail_times: int | None = None
     json_reply: dict | None = None
     pull: PullBehavior = field(default_factory=PullBehavior)
+    trickle_interval: float = 0.2  # seconds between the spaces of the "trickle" failure
 
     def __post_init__(self) -> None:
         if isinstance(self.pull, dict):  # PUT /_sim/behavior and Behavior(**json) pass it as a plain object
@@ -179,6 +186,8 @@ class Behavior:
             raise ValueError("ttft and tokens_per_second must not be negative")
         if self.fail_after_chunks < 0:
             raise ValueError("fail_after_chunks must not be negative")
+        if self.trickle_interval <= 0:
+            raise ValueError("trickle_interval must be greater than 0")
         for call in self.tool_calls or ():
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 raise ValueError("each tool call needs a string 'name' and an 'arguments' object")

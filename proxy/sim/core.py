@@ -176,6 +176,22 @@ async def hang_forever() -> None:
     await asyncio.Event().wait()
 
 
+async def stall(mode: str, behavior: Behavior, out: Output) -> None:
+    """The stall failures (``STALL_FAILURES``): a stream that never completes its line or event.
+
+    Runs until the client leaves (the generation is cancelled then). ``endless_line`` is
+    paced only by the transport's flow control, as a real server's writes would be.
+    """
+    if mode == "trickle":
+        while True:
+            await out.write(b" ")
+            await asyncio.sleep(behavior.trickle_interval)
+    piece = b"x" * 65536
+    while True:
+        await out.write(piece)
+        await asyncio.sleep(0)  # let the client's disconnect be noticed
+
+
 Runner = Callable[[Output], Awaitable[bool]]
 
 

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from .behavior import (
     DEFAULT_THINKING,
     MID_STREAM_FAILURES,
+    STALL_FAILURES,
     Behavior,
     ModelSpec,
     compose_reply,
@@ -33,7 +34,7 @@ from .behavior import (
     token_ids,
     token_logprob,
 )
-from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced
+from .core import Generation, ORJSONResponse, Output, SimBase, hang_forever, paced, stall
 from .ollama_models import OllamaModels
 from .ollama_openai import OllamaOpenAI
 from .ollama_pull import OllamaPull
@@ -389,6 +390,8 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
         async for (kind, value), _last in paced(job.reply.events(), job.behavior):
             if job.failure in MID_STREAM_FAILURES and sent >= job.behavior.fail_after_chunks:
                 return await self._fail_mid_stream(job, out)
+            if job.failure in STALL_FAILURES and job.stream and sent >= job.behavior.fail_after_chunks:
+                break
             first_ns = first_ns or time.time_ns()
             line = self._piece(job, kind, value)
             if job.stream:
@@ -400,6 +403,10 @@ class SimOllama(OllamaOpenAI, OllamaPull, OllamaModels, SimBase):
             sent += 1
         if job.failure in MID_STREAM_FAILURES:
             return await self._fail_mid_stream(job, out)
+        if job.failure in STALL_FAILURES and job.stream:  # after fail_after_chunks pieces, or all of a short reply
+            if not out.started:
+                await out.start(200, NDJSON)
+            await stall(job.failure, job.behavior, out)
         now = time.time_ns()
         final = self._final(job, (loaded_ns, first_ns or now, now), logprobs)
         if job.stream:

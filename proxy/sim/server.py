@@ -19,13 +19,25 @@ class ServerThread:
     ``stop()`` closes the listening socket, so connections are refused until
     ``start()`` binds the same port again: that is how tests simulate a node
     that goes away and comes back.
+
+    Given the proxy's ``config``, it runs the app the way ``llm-proxy serve`` does (the same
+    protocol class and client timeouts, from :func:`proxy.server.uvicorn_options`), but on
+    ``host:port`` and without touching the process's logging.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options) -> None:
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, config=None, **uvicorn_options) -> None:
         self.app = app
         self.host = host
         self.port = port
-        self._options = {"log_level": "warning", "access_log": False, "lifespan": "auto", **uvicorn_options}
+        proxy_options = {}
+        if config is not None:
+            from ..server import uvicorn_options as proxy_uvicorn_options
+
+            proxy_options = proxy_uvicorn_options(config, log_level="warning", configure_logging=False)
+            for name in ("host", "port", "loop", "timeout_graceful_shutdown"):  # the thread decides these
+                del proxy_options[name]
+        self._options = {"log_level": "warning", "access_log": False, "lifespan": "auto",
+                         **proxy_options, **uvicorn_options}  # fmt: skip
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -34,14 +46,10 @@ class ServerThread:
         return f"http://{self.host}:{self.port}"
 
     def _bind(self) -> socket.socket:
-        # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on sockets that say they are TCP, and
-        # without it every keep-alive request waits out a delayed ACK (about 40 ms).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        from ..server import bind_socket
+
+        sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
-        sock.listen(2048)
-        sock.setblocking(False)
         return sock
 
     def start(self, timeout: float = 10.0) -> ServerThread:

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from .behavior import MID_STREAM_FAILURES, Behavior, Reply, token_logprob
-from .core import Output, hang_forever, paced
+from .behavior import MID_STREAM_FAILURES, STALL_FAILURES, Behavior, Reply, token_logprob
+from .core import Output, hang_forever, paced, stall
 from .vllm_wire import ARG_PIECE, DONE, MID_STREAM_ERROR, SSE, error_info, sse
 
 
@@ -108,6 +108,8 @@ class VLLMRendering:
         async for step, _last in paced(range(steps), job.behavior):
             if job.failure in MID_STREAM_FAILURES and step >= job.behavior.fail_after_chunks:
                 return await self._fail_mid_stream(job, out)
+            if job.failure in STALL_FAILURES and step >= job.behavior.fail_after_chunks:
+                break
             frames = [self._role_chunks(job)] if step == 0 else []
             produced = sum(min(step + 1, len(script)) for script in scripts)
             for i, script in enumerate(scripts):
@@ -117,6 +119,8 @@ class VLLMRendering:
             await out.write(b"".join(frames))
         if job.failure in MID_STREAM_FAILURES:
             return await self._fail_mid_stream(job, out)
+        if job.failure in STALL_FAILURES:  # after fail_after_chunks steps, or all of a short reply
+            await stall(job.failure, job.behavior, out)
         closing = [self._role_chunks(job)] if steps == 0 else []
         for i, script in enumerate(scripts):
             if not script:  # nothing generated for this choice: close it with an empty final delta

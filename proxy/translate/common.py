@@ -76,7 +76,8 @@ IGNORED_FIELDS = frozenset(
 
 def ollama_options(body: dict, max_tokens_fields: tuple[str, ...]) -> dict:
     """Build Ollama ``options`` from a request: the client's own ``options`` first, OpenAI fields over them."""
-    options = dict(body.get("options") or {})
+    # null means "absent" inside options too: Ollama would refuse it as a wrongly typed value
+    options = {k: v for k, v in (body.get("options") or {}).items() if v is not None}
     for field, name in _OPTION_FIELDS.items():
         value = body.get(field)
         if value is not None:

@@ -206,7 +206,7 @@ def chat_request(body: dict, target: str) -> tuple[dict, ChatShape]:
     fmt = _format(body.get("response_format"))
     if fmt is not None:
         native["format"] = fmt
-    if "think" in body:
+    if body.get("think") is not None:  # null means absent, as for every optional field
         native["think"] = body["think"]
     elif body.get("reasoning_effort") is not None:
         effort = body["reasoning_effort"]

@@ -37,7 +37,7 @@ class ModelRenamer:
         old, new = orjson.dumps(backend_name), orjson.dumps(public_name)
         # Compact JSON (vLLM, pydantic) and Python's json.dumps style (llama.cpp server).
         self._patterns = ((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new))
-        self._pending = b""
+        self._pending: list[bytes] = []
 
     def body(self, raw: bytes) -> bytes:
         if self.noop:
@@ -61,13 +61,21 @@ class ModelRenamer:
         if b"\r" in chunk:  # some servers frame events with CRLF; the event split below wants LF
             chunk = chunk.replace(b"\r\n", b"\n")
         if self._pending:
-            chunk = self._pending + chunk
-            self._pending = b""
-        if not chunk.endswith(b"\n\n"):
-            cut = chunk.rfind(b"\n\n") + 2
-            chunk, self._pending = chunk[:cut], chunk[cut:]
-            if not chunk:
+            # Kept in pieces until the event ends: joining on every chunk would copy a long
+            # event over and over (the backend adapter caps its length at max_line_bytes).
+            ends = b"\n\n" in chunk or (chunk[:1] == b"\n" and self._pending[-1].endswith(b"\n"))
+            self._pending.append(chunk)
+            if not ends:
                 return b""
+            chunk = b"".join(self._pending)
+            self._pending = []
+        if not chunk.endswith(b"\n\n"):
+            cut = chunk.rfind(b"\n\n")
+            if cut < 0:
+                self._pending = [chunk]
+                return b""
+            chunk, rest = chunk[: cut + 2], chunk[cut + 2 :]
+            self._pending = [rest]
         for old, new in self._patterns:
             if old in chunk:
                 return chunk.replace(old, new)
@@ -82,5 +90,5 @@ class ModelRenamer:
 
     def flush(self) -> bytes:
         """Whatever partial event the backend left when it closed the stream."""
-        rest, self._pending = self._pending, b""
+        rest, self._pending = b"".join(self._pending), []
         return rest
