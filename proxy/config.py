@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -97,9 +97,19 @@ class ServerConfig:
 class StorageConfig:
     # Relative paths are taken from the config file's directory.
     path: str = "./llm-proxy.db"
+    # Instead of path: postgresql://user:${PGPASSWORD}@host:5432/db, shared by replicas on several
+    # hosts (pip install 'llm-proxy[postgres]'). Never logged or shown with its password.
+    url: str = field(default="", repr=False)
     # The key that encrypts secrets kept in the database (registered nodes' api_key); created at
     # first start, mode 0600. Empty: next to the database (llm-proxy.db -> llm-proxy.key).
     key_path: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    # redis://[:password@]host:6379/0 (optional, beside either storage): changes reach the other
+    # replicas at once (pub/sub) instead of at their next poll (pip install 'llm-proxy[redis]').
+    url: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -288,6 +298,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     pulls: PullConfig = PullConfig()
     distribution: DistributionConfig = DistributionConfig()
+    redis: RedisConfig = RedisConfig()
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -503,6 +514,44 @@ def _check_schedule(config: Config, problems: list[str]) -> None:
 _WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")
 
 
+def redact_url(url: str) -> str:
+    """A URL without its password, for logs, errors and /admin."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return True
+    return parts.scheme not in schemes or not parts.hostname
+
+
+def _check_shared_storage(config: Config, data: Any, problems: list[str]) -> None:
+    raw = data.get("storage") if isinstance(data, dict) else None
+    storage = config.storage
+    if isinstance(raw, dict) and "path" in raw and "url" in raw:
+        problems.append("storage: give either path (SQLite, one host) or url (PostgreSQL), not both")
+    if storage.url:
+        if _url_problem(storage.url, ("postgresql", "postgres")):
+            problems.append(f"storage.url: expected postgresql://user:password@host:5432/database, got "
+                            f"{redact_url(storage.url)!r}")  # fmt: skip
+        if not storage.key_path:
+            problems.append("storage.key_path: required with storage.url: every replica needs the same key file "
+                            "to read the node keys kept in the database")  # fmt: skip
+    if config.redis.url and _url_problem(config.redis.url, ("redis", "rediss")):
+        problems.append(f"redis.url: expected redis://[:password@]host:6379/0, got {redact_url(config.redis.url)!r}")
+
+
 def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source: str = "config") -> Config:
     """Validate plain data (as loaded from YAML) into a :class:`Config`, or raise :class:`ConfigError`."""
     walker = _Walker(os.environ if env is None else env)
@@ -511,6 +560,7 @@ def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source:
     if config is not None:
         _check_references(config, problems)
         _check_routing(config, problems)
+        _check_shared_storage(config, data, problems)
     if problems:
         raise ConfigError(problems, source)
     return config

@@ -39,6 +39,8 @@ from .storage.sealed import Sealer, key_path_for
 from .store import ChangeFeed, FleetStore, SQLiteStore
 from .store.base import HEALTH
 from .store.health import HealthShare
+from .store.postgres import PostgresStore
+from .store.redis import RedisSignal
 
 log = logging.getLogger("llm_proxy")
 
@@ -66,13 +68,20 @@ class Services:
     storage_watch: Periodic | None = None  # notices a database file deleted or replaced under us
     store: FleetStore | None = None  # state shared with the other proxy processes
     feed: ChangeFeed | None = None  # their changes, applied here
+    redis: RedisSignal | None = None  # with redis.url: the other replicas hear of a change at once
 
     @classmethod
     async def open(cls, config: Config) -> Services:
         """Open storage and build the chain; :meth:`start` then brings it to life."""
-        db = await Database.open(config.storage.path)
-        log.info("storage: %s (schema version %d)", db.path if db.path == ":memory:" else os.path.abspath(db.path),
-                 db.schema_version)  # fmt: skip
+        if config.storage.url:
+            from .storage.postgres import PostgresDatabase
+
+            db = await PostgresDatabase.open(config.storage.url)
+            log.info("storage: PostgreSQL %s (schema version %d)", db.path, db.schema_version)
+        else:
+            db = await Database.open(config.storage.path)
+            log.info("storage: %s (schema version %d)", db.path if db.path == ":memory:" else os.path.abspath(db.path),
+                     db.schema_version)  # fmt: skip
         sealer = await asyncio.to_thread(Sealer.open, key_path_for(config.storage.path, config.storage.key_path))
         metrics = Metrics(config.metrics)
         history = History(db, config.history)
@@ -87,8 +96,11 @@ class Services:
         router.on_model_missing = lambda c: catalog.recheck_soon()
         services.sealer = sealer
         services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
-        services.store = SQLiteStore(db)
+        services.store = PostgresStore(db) if config.storage.url else SQLiteStore(db)
         services.feed = ChangeFeed(services.store)
+        if config.redis.url:
+            services.redis = RedisSignal(config.redis.url, services.feed.wake, services.store.instance)
+            services.store.notify = services.redis.ping
         share = HealthShare(services.store, catalog.health)
         services.feed.on(HEALTH, share.apply)
         services.feed.every(0.0, share.publish)
@@ -135,6 +147,8 @@ class Services:
         self.monitor.start()
         self.storage_watch.start()
         self.feed.start()
+        if self.redis is not None:
+            self.redis.start()
 
     def remove_backend(self, name: str) -> None:
         """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
@@ -145,6 +159,8 @@ class Services:
     async def close(self) -> None:
         await self.storage_watch.close()
         await self.feed.close()
+        if self.redis is not None:
+            await self.redis.close()
         await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))

@@ -50,6 +50,9 @@ async def fleet_status(request: Request) -> Response:
         "alias_mismatches": resolver.alias_mismatches(),
         # Which process answered (serve --workers N): each holds the whole fleet, this tells them apart.
         "process": {"pid": os.getpid(), "instance": services.store.instance if services.store else None},
+        # Where the shared state lives; a Redis that is down is said here (the proxy then polls the database).
+        "storage": {"kind": "postgresql" if services.config.storage.url else "sqlite", "location": services.db.path},
+        "redis": services.redis.status() if services.redis is not None else None,
     })  # fmt: skip
 
 

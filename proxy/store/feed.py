@@ -35,11 +35,16 @@ class ChangeFeed:
         self._handlers: dict[str, list[Handler]] = {}
         self._jobs: list[tuple[float, Callable[[], Awaitable[None]]]] = []  # (interval, job)
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.failures = 0
 
     def on(self, topic: str, handler: Handler) -> None:
         self._handlers.setdefault(topic, []).append(handler)
+
+    def wake(self) -> None:
+        """Read the changes now rather than at the next interval (another process said there are some)."""
+        self._wake.set()
 
     def every(self, interval: float, job: Callable[[], Awaitable[None]]) -> None:
         """Run ``job`` in the feed's loop, about every ``interval`` seconds."""
@@ -85,7 +90,9 @@ class ChangeFeed:
         jobs = [(RENEW_INTERVAL, self.renew), (_PRUNE_INTERVAL, self._prune), *self._jobs]
         last = [time.monotonic()] * len(jobs)
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
             try:
                 await self.poll()
                 now = time.monotonic()

@@ -1,17 +1,23 @@
-"""The fleet store on the proxy's SQLite file (:class:`..storage.Database`): the default, for one host.
+"""The fleet store in SQL: :class:`SQLiteStore` on the proxy's SQLite file (the default, for one host);
+:class:`.postgres.PostgresStore` runs the same statements on PostgreSQL.
 
 Every worker of ``serve --workers N`` opens the same file. Each write and its
 change row go in one ``BEGIN IMMEDIATE`` transaction, and SQLite has one writer
 at a time, so change numbers (``seq``) are handed out in commit order: a reader
-that saw ``seq`` n has seen every change before it.
+that saw ``seq`` n has seen every change before it. (PostgreSQL needs a lock for
+that: see :attr:`SQLiteStore.serialize`.) The change row is always the last
+write of its transaction, so the lock that orders changes is held only up to
+the commit and never waited on while holding it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 
@@ -32,8 +38,12 @@ _CHANGE = "INSERT INTO fleet_changes (topic, key, data, origin, at) VALUES (?, ?
 
 
 class SQLiteStore:
+    # A statement run before a transaction adds its change rows, so that they commit in seq order.
+    serialize: str | None = None
+
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.notify = lambda: None  # called after changes are committed (Redis pub/sub wakes the others)
         self.instance = secrets.token_hex(8)
         self.host = socket.gethostname()
         self.pid = os.getpid()
@@ -47,23 +57,23 @@ class SQLiteStore:
         return await self.db.fetchall("SELECT name, spec FROM nodes ORDER BY created_at")
 
     async def add_node(self, name: str, kind: str, url: str, spec: str) -> bool:
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             added = await db.execute(
                 "INSERT INTO nodes (name, kind, url, spec, created_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO NOTHING", (name, kind, url, spec, time.time()),
             )  # fmt: skip
             if added:
-                await db.execute(_CHANGE, self._change(NODES, name))
+                await self._changes(db, [self._change(NODES, name)])
         return bool(added)
 
     async def update_node_spec(self, name: str, spec: str) -> None:
         await self.db.execute("UPDATE nodes SET spec = ? WHERE name = ?", (spec, name))
 
     async def remove_node(self, name: str) -> None:
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             await db.execute("DELETE FROM nodes WHERE name = ?", (name,))
             await db.execute("DELETE FROM node_drains WHERE name = ?", (name,))
-            await db.execute(_CHANGE, self._change(NODES, name))
+            await self._changes(db, [self._change(NODES, name)])
 
     # --- drains ---------------------------------------------------------------------------------
 
@@ -71,13 +81,13 @@ class SQLiteStore:
         return {name for (name,) in await self.db.fetchall("SELECT name FROM node_drains")}
 
     async def set_drain(self, name: str, draining: bool) -> None:
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             if draining:
                 await db.execute("INSERT INTO node_drains (name, updated_at) VALUES (?, ?) ON CONFLICT (name) "
                                  "DO UPDATE SET updated_at = excluded.updated_at", (name, time.time()))  # fmt: skip
             else:
                 await db.execute("DELETE FROM node_drains WHERE name = ?", (name,))
-            await db.execute(_CHANGE, self._change(DRAIN, name, {"draining": draining}))
+            await self._changes(db, [self._change(DRAIN, name, {"draining": draining})])
 
     # --- alias overrides ------------------------------------------------------------------------
 
@@ -86,7 +96,7 @@ class SQLiteStore:
 
     async def set_alias_override(self, alias: str, target: str, config_target: str, previous: str | None,
                                  operation_id: str | None) -> None:  # fmt: skip
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             await db.execute(
                 "INSERT INTO alias_overrides (alias, target, config_target, previous, operation_id, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (alias) DO UPDATE SET target = excluded.target, "
@@ -94,7 +104,7 @@ class SQLiteStore:
                 "operation_id = excluded.operation_id, updated_at = excluded.updated_at",
                 (alias, target, config_target, previous, operation_id, time.time()),
             )
-            await db.execute(_CHANGE, self._change(ALIAS, alias))
+            await self._changes(db, [self._change(ALIAS, alias)])
 
     async def drop_alias_override(self, alias: str) -> None:
         await self.db.execute("DELETE FROM alias_overrides WHERE alias = ?", (alias,))
@@ -106,9 +116,9 @@ class SQLiteStore:
             return
         values = [(*(r[c] for c in OP_COLUMNS), self.instance, self.host, self.pid,
                    lease_until if r["state"] in ("queued", "running") else None) for r in rows]  # fmt: skip
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             await db.executemany(_OP_UPSERT, values)
-            await db.executemany(_CHANGE, [self._change(OPERATION, r["id"]) for r in rows])
+            await self._changes(db, [self._change(OPERATION, r["id"]) for r in rows])
 
     async def load_operations(self, since: float) -> list[dict]:
         await self.db.execute(
@@ -123,14 +133,14 @@ class SQLiteStore:
 
     async def claim_operation(self, op_id: str, states: frozenset[str], *, lease_until: float) -> bool:
         marks = ", ".join("?" * len(states))
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             claimed = await db.execute(
                 f"UPDATE model_operations SET state = 'queued', status = 'queued', instance = ?, host = ?, pid = ?, "
                 f"lease_until = ? WHERE id = ? AND state IN ({marks})",
                 (self.instance, self.host, self.pid, lease_until, op_id, *sorted(states)),
             )  # fmt: skip
             if claimed:
-                await db.execute(_CHANGE, self._change(OPERATION, op_id))
+                await self._changes(db, [self._change(OPERATION, op_id)])
         return bool(claimed)
 
     async def _interrupt(self, db: Database, ids: list[str], error: str) -> None:
@@ -140,10 +150,10 @@ class SQLiteStore:
             "eta_seconds = NULL, finished_at = ?, lease_until = NULL WHERE id = ?",
             [(error.replace("{id}", i), now, i) for i in ids],
         )
-        await db.executemany(_CHANGE, [self._change(OPERATION, i) for i in ids])
+        await self._changes(db, [self._change(OPERATION, i) for i in ids])
 
     async def interrupt_local_dead(self, host: str, alive, error: str) -> int:
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             rows = await db.fetchall(f"SELECT id, host, pid, instance FROM model_operations WHERE state IN {_ACTIVE}")
             # Same pid, other instance: an earlier proxy in this very process (tests start several).
             dead = [i for i, h, pid, inst in rows
@@ -153,7 +163,7 @@ class SQLiteStore:
         return len(dead)
 
     async def interrupt_expired(self, now: float, error: str) -> list[str]:
-        async with self.db.transaction() as db:
+        async with self._tx() as db:
             rows = await db.fetchall(
                 f"SELECT id FROM model_operations WHERE state IN {_ACTIVE} AND lease_until IS NOT NULL "
                 "AND lease_until < ?", (now,),
@@ -164,8 +174,8 @@ class SQLiteStore:
         return ids
 
     async def request_cancel(self, op_ids: list[str]) -> None:
-        async with self.db.transaction() as db:
-            await db.executemany(_CHANGE, [self._change(CANCEL, i) for i in op_ids])
+        async with self._tx() as db:
+            await self._changes(db, [self._change(CANCEL, i) for i in op_ids])
 
     # --- leases ---------------------------------------------------------------------------------
 
@@ -191,7 +201,20 @@ class SQLiteStore:
     # --- changes --------------------------------------------------------------------------------
 
     async def publish(self, topic: str, key: str, data: dict | None = None) -> None:
-        await self.db.execute(_CHANGE, self._change(topic, key, data))
+        async with self._tx() as db:
+            await self._changes(db, [self._change(topic, key, data)])
+
+    async def _changes(self, db, rows: list[tuple]) -> None:
+        if self.serialize:
+            await db.execute(self.serialize)
+        await db.executemany(_CHANGE, rows)
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Database]:
+        """A transaction that adds changes; the others are told once it has committed."""
+        async with self.db.transaction() as db:
+            yield db
+        self.notify()
 
     async def changes_since(self, seq: int) -> list[Change]:
         rows = await self.db.fetchall(
