@@ -291,6 +291,11 @@ class History:
 
     # --- the writer -----------------------------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Rows waiting to be written (many while the database is away)."""
+        return len(self._pending)
+
     def _has_pending(self) -> bool:
         return bool(self._pending)
 

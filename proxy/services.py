@@ -131,6 +131,7 @@ class Services:
             self.metrics.backend_state(name, health.state)
             self.metrics.set_backend_in_flight(name, health.in_flight)
             self.metrics.set_backend_queue(name, self.slots[name].queued)
+        self.metrics.history_buffer(self.history.buffered, self.history.stats.dropped + self.history.stats.deferred)
 
     async def start(self) -> None:
         await self.history.start()

@@ -283,6 +283,10 @@ def test_losing_postgres_keeps_serving_and_writes_the_history_when_it_returns(po
             served = [chat(a, temperature=0.1 * i) for i in range(N)]  # each a cache miss: the lookup fails
             assert all(r.status_code == 200 for r in served)
             ids = {r.headers["x-request-id"] for r in served}
+            gauges = {line.split()[0]: float(line.split()[1]) for line in a.get("/metrics").text.splitlines()
+                      if line.startswith("llm_proxy_history_rows_")}  # fmt: skip
+            assert gauges["llm_proxy_history_rows_buffered"] >= N  # kept in memory while the server is away
+            assert gauges["llm_proxy_history_rows_dropped"] == 0
         finally:
             postgres.start()
 
