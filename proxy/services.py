@@ -21,16 +21,17 @@ import os
 from dataclasses import dataclass
 
 from .admission import Slots
-from .backends import Backend, make_backend
+from .backends import Backend
 from .cache import ResponseCache
 from .caching import Caching
 from .catalog import Catalog
 from .config import BackendConfig, Config
 from .gateway import Gateway
-from .health import BackendHealth, Monitor
+from .health import Monitor
 from .history import History
 from .metrics import Metrics, mark_process_dead
-from .operations import Fleet
+from .node_table import NodeTable
+from .operations import Fleet, FleetParts
 from .resolve import Resolver
 from .routing import Router
 from .storage import Database
@@ -69,6 +70,7 @@ class Services:
     store: FleetStore | None = None  # state shared with the other proxy processes
     feed: ChangeFeed | None = None  # their changes, applied here
     redis: RedisSignal | None = None  # with redis.url: the other replicas hear of a change at once
+    nodes: NodeTable | None = None  # adds and removes a node's parts, all at once
 
     @classmethod
     async def open(cls, config: Config) -> Services:
@@ -95,6 +97,7 @@ class Services:
                        Monitor(config.health.interval, lambda: services.check()))  # fmt: skip
         router.on_model_missing = lambda c: catalog.recheck_soon()
         services.sealer = sealer
+        services.nodes = NodeTable(config, catalog, slots, metrics)
         services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
         services.store = PostgresStore(db) if config.storage.url else SQLiteStore(db)
         services.feed = ChangeFeed(services.store)
@@ -106,15 +109,12 @@ class Services:
         services.feed.every(0.0, share.publish)
         for backend in config.backends:
             services.add_backend(backend)
-        services.fleet = Fleet(services)
+        services.fleet = Fleet(FleetParts(config, catalog, resolver, services.nodes, services.store, services.feed,
+                                          history, sealer))  # fmt: skip
         return services
 
     def add_backend(self, config: BackendConfig) -> Backend:
-        backend = make_backend(config, self.config.timeouts_for(config))
-        routing = self.config.routing
-        self.slots[config.name] = Slots(config.name, config.max_concurrent, routing.queue_size, routing.queue_timeout)
-        self.catalog.add(config.name, backend, BackendHealth(config.name, config.weight, self.config.health))
-        return backend
+        return self.nodes.add(config)
 
     async def check(self) -> None:
         """One health round: probe and list every backend, then report aliases nobody serves."""
@@ -153,9 +153,7 @@ class Services:
 
     def remove_backend(self, name: str) -> None:
         """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
-        self.catalog.remove(name)
-        self.slots.pop(name, None)
-        self.metrics.remove_backend(name)
+        self.nodes.remove(name)
 
     async def close(self) -> None:
         await self.storage_watch.close()

@@ -30,9 +30,9 @@ class _Live:
 
 
 async def _live(fleet: Fleet, name: str) -> _Live:
-    services = fleet.services
-    backend = services.catalog.backends[name]
-    view = services.catalog.views[name]
+    parts = fleet.parts
+    backend = parts.catalog.backends[name]
+    view = parts.catalog.views[name]
     cached = [{"model": m.name, "size": m.details.get("size"), "digest": m.details.get("digest"),
                "modified_at": m.details.get("modified_at")} for m in view.models]  # fmt: skip
     if backend.config.kind != "ollama":
@@ -51,10 +51,10 @@ async def _live(fleet: Fleet, name: str) -> _Live:
 
 
 def _view(fleet: Fleet, name: str, live: _Live) -> dict:
-    services = fleet.services
-    config = services.catalog.backends[name].config
-    health = services.catalog.health[name]
-    catalog_view = services.catalog.views[name]
+    parts = fleet.parts
+    config = parts.catalog.backends[name].config
+    health = parts.catalog.health[name]
+    catalog_view = parts.catalog.views[name]
     downloading = [{"model": op.model, "operation": op.id, "state": op.state, "status": op.status,
                     "fraction": round(op.fraction, 4)}
                    for op in fleet.manager.list(node=name, kind="pull", limit=10_000) if op.active]  # fmt: skip
@@ -68,7 +68,7 @@ def _view(fleet: Fleet, name: str, live: _Live) -> dict:
         "version": health.version,
         "weight": config.weight,
         "gpu_memory_gb": config.gpu_memory_gb,
-        "tier_models": list(tier_models(services.config.distribution.tiers, config.gpu_memory_gb)),
+        "tier_models": list(tier_models(parts.config.distribution.tiers, config.gpu_memory_gb)),
         "in_flight": health.in_flight,
         "max_concurrent": config.max_concurrent,
         "reachable": catalog_view.reachable,
