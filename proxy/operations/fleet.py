@@ -85,9 +85,9 @@ class Fleet:
         if config.distribution.schedule:
             self.scheduler = Scheduler(config.distribution.schedule, self.store, self._scheduled_sync)
             self.feed.every(CHECK_INTERVAL, self.scheduler.tick)
-        self.feed.on(NODES, self._theirs(self.registry.reload))
+        self.feed.on(NODES, self._theirs(self._nodes_changed))
         self.feed.on(DRAIN, self._theirs(self.registry.apply_drain))
-        self.feed.on(ALIAS, self._theirs(lambda change: self.aliases.apply()))
+        self.feed.on(ALIAS, self._theirs(self._alias_changed))
         self.feed.on(OPERATION, self.manager.apply_change)
         self.feed.on(CANCEL, self.manager.apply_cancel)
         self.feed.every(_EXPIRE_INTERVAL, self.manager.expire)
@@ -95,6 +95,15 @@ class Fleet:
     def _theirs(self, handler):
         """Only changes made by another process: this one applied its own when it made them."""
         return lambda change: None if change.origin == self.store.instance else handler(change)
+
+    async def _nodes_changed(self, change: Change) -> None:
+        if await self.registry.reload(change):
+            self._spawn(self.parts.catalog.refresh())  # what the new node serves, before anyone asks
+
+    async def _alias_changed(self, change: Change) -> None:
+        if await self.aliases.apply():
+            # The new target may have been pulled a moment ago, by another process.
+            self._spawn(self.parts.catalog.refresh_if_stale())
 
     async def start(self) -> None:
         await self.feed.begin()  # first: a change made while we load is applied again, never missed

@@ -53,9 +53,11 @@ class NodeRegistry:
             if name in self.parts.catalog.health:
                 self.drain(name)
 
-    async def reload(self, change: Change | None = None, *, initial: bool = False) -> None:
-        """Bring the registered nodes in line with the store: add the new ones, drop the removed ones."""
+    async def reload(self, change: Change | None = None, *, initial: bool = False) -> list[str]:
+        """Bring the registered nodes in line with the store: add the new ones, drop the removed ones.
+        Returns the names added."""
         stored = await self.store.load()
+        added = []
         names = {c.name for c in stored}
         for config in stored:
             if config.name in self.parts.catalog.backends:
@@ -64,11 +66,13 @@ class NodeRegistry:
                                 config.name)  # fmt: skip
                 continue
             self.parts.nodes.add(config)
+            added.append(config.name)
             log.info("registered node %s (%s, %s) %s", config.name, config.kind, config.url,
                      "restored" if initial else "added by another proxy process")  # fmt: skip
         for name in [n for n in self.names() if self.source(n) == "registered" and n not in names]:
             await self._drop(name)
             log.info("node %s removed by another proxy process", name)
+        return added
 
     def apply_drain(self, change: Change) -> None:
         if change.key in self.parts.catalog.health and change.data is not None:
