@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import admin
+from . import admin, ui
 from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
@@ -130,6 +130,7 @@ def create_app(config: Config) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *admin.routes(),
+        *ui.routes(),  # the dashboard at /ui; / redirects there
     ]
     app = Starlette(
         routes=routes,

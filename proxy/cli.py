@@ -1,4 +1,4 @@
-"""``llm-proxy``: serve, check-config, demo. Options flow into one Config object."""
+"""``llm-proxy``: serve, check-config, demo, sync, status, pull. Options flow into one Config object."""
 
 from __future__ import annotations
 
@@ -130,6 +130,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(host=args.host, port=args.port, log_level=args.log_level)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .cli_admin import AdminUnavailable, status
+
+    try:
+        return status(args.url, sys.stdout)
+    except AdminUnavailable as exc:
+        print(f"llm-proxy status: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .cli_admin import AdminUnavailable, pull
+
+    try:
+        return pull(args.url, args.model, args.nodes, force=args.force, out=sys.stdout)
+    except AdminUnavailable as exc:
+        print(f"llm-proxy pull: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible gateway for Ollama and vLLM.")
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
@@ -163,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--manifest", help="where to write the manifest (default: distribution.manifest_path)")
     sync.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sync.set_defaults(func=cmd_sync)
+
+    admin_url = "the proxy's address (default http://127.0.0.1:8080); the admin key, if any, from LLM_PROXY_ADMIN_KEY"
+    status = sub.add_parser("status", help="print a running proxy's fleet: nodes, states, models, running operations")
+    status.add_argument("--url", default="http://127.0.0.1:8080", help=admin_url)
+    status.set_defaults(func=cmd_status)
+
+    pull = sub.add_parser("pull", help="pull a model onto nodes through a running proxy, with progress per node")
+    pull.add_argument("model")
+    pull.add_argument("--nodes", default="all", help='"all" (default), "auto" (by GPU tier) or names: a,b')
+    pull.add_argument("--force", action="store_true", help="pull again even when installed (updates)")
+    pull.add_argument("--url", default="http://127.0.0.1:8080", help=admin_url)
+    pull.set_defaults(func=cmd_pull)
     return parser
 
 

@@ -135,10 +135,14 @@ class Gateway:
             if stored is not None:
                 return self._from_cache(stored, operation, route, body, exchange, ingress)
         started = time.perf_counter()
+        outcome: Outcome | None = None  # stays None when the client left while we waited
         with DisconnectWatch(request.receive) as watch:
             outcome = await self._dispatch(route, operation, body)
-        exchange.answered(outcome, time.perf_counter() - started)
+        if outcome is not None:
+            exchange.answered(outcome, time.perf_counter() - started)
         if watch.disconnected:
+            if outcome is not None and isinstance(outcome.reply, Stream):
+                await outcome.reply.aclose()  # frees the backend's slot and connection
             exchange.close("cancelled", 499)
             return Response(status_code=499)  # nobody is left to read it; uvicorn drops it
         headers = [*_proxy_headers(outcome), _MISS, *exchange.headers()]

@@ -105,6 +105,7 @@ class SSEResponse:
         self.status = "ok"  # ok, error or cancelled, for whoever records the request afterwards
         self.error: ProxyError | None = None
         self.on_done = on_done  # called once with (status, 200, error) when the stream is over
+        self._reported = False
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -113,6 +114,11 @@ class SSEResponse:
             self.status = "cancelled"  # the server gave up on the connection (shutdown, client reset)
             raise
         finally:
+            self._report()
+
+    def _report(self) -> None:
+        if not self._reported:
+            self._reported = True
             if self.on_done is not None:
                 self.on_done(self.status, 200, self.error)
 
@@ -151,4 +157,7 @@ class SSEResponse:
         if watch.disconnected:
             self.status = "cancelled"
             return
+        # Reported before the last byte goes out, so a client that has its whole answer finds the
+        # request already in the history and the metrics.
+        self._report()
         await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import httpx
+import logging
+
 import openai
 import pytest
 
 from proxy.sim import Behavior, SimOllama, SimVLLM
-from tests.support import VLLM_KEY, backends_config, ollama_models, running_proxy
+from tests.support import VLLM_KEY, backends_config, ollama_models, reset_health, running_proxy
 
 
 @pytest.fixture(scope="session")
@@ -23,19 +26,32 @@ def vllm():
 
 @pytest.fixture(autouse=True)
 def _fresh_backends(request):
-    """Each test starts with well-behaved backends and empty request logs."""
-    for name in ("ollama", "vllm"):
-        if name in request.fixturenames:
-            sim = request.getfixturevalue(name)
-            sim.behavior = Behavior()
-            sim.reset()
+    """Each test starts with well-behaved backends and empty request logs, and leaves them well-behaved
+    whether it passed or not (a failure it injected must not leak into the next test)."""
+    sims = [request.getfixturevalue(name) for name in ("ollama", "vllm") if name in request.fixturenames]
+    for sim in sims:
+        sim.behavior = Behavior()
+        sim.reset()
     yield
+    for sim in sims:
+        sim.behavior = Behavior()
 
 
 @pytest.fixture(scope="session")
-def proxy(ollama, vllm):
+def _shared_proxy(ollama, vllm):
     with running_proxy(backends_config(ollama, vllm)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(_shared_proxy):
+    """The proxy in front of both shared sims: one server for the session (fast), but each test module
+    gets it with an empty cache and no learned health, so one file's answers and failures don't
+    decide what the next file sees."""
+    response = httpx.delete(f"{_shared_proxy.url}/admin/cache", timeout=10)
+    assert response.status_code == 200, response.text
+    reset_health(_shared_proxy)
+    return _shared_proxy
 
 
 @pytest.fixture
@@ -48,3 +64,19 @@ def client(proxy) -> openai.OpenAI:
 @pytest.fixture
 def aclient(proxy) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+
+
+_LOGGERS = ("", "llm_proxy", "httpx", "httpcore", "aiosqlite", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found():
+    """CLI commands run in-process configure logging for the whole process (dictConfig): undo it after
+    each test, so a later test's caplog still sees every level and no handler writes to a closed stream."""
+    saved = {name: (lg.level, list(lg.handlers), lg.propagate) for name in _LOGGERS for lg in [logging.getLogger(name)]}
+    yield
+    for name, (level, handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate

@@ -32,7 +32,8 @@ def running_proxy(config: dict):
     with tempfile.TemporaryDirectory(prefix="llm-proxy-test-") as tmp:
         if "path" not in config.get("storage", {}):
             config = {**config, "storage": {**config.get("storage", {}), "path": f"{tmp}/proxy.db"}}
-        server = ServerThread(create_app(parse_config(config, env={})))
+        parsed = parse_config(config, env={})
+        server = ServerThread(create_app(parsed), config=parsed)  # the protocol and timeouts `serve` uses
         server.start()
         try:
             yield server

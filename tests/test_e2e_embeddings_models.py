@@ -26,12 +26,23 @@ def test_embeddings_default_is_base64_decoded_by_the_sdk(client, ollama):
     assert resp.data[0].embedding != resp.data[1].embedding
     assert resp.model == "embed"
     assert resp.usage.prompt_tokens > 0
+    assert [call["input"] for call in embed_calls(ollama)] == [["first text", "second text"]]
 
 
-def test_embeddings_float_and_base64_agree(proxy):
+def embed_calls(sim) -> list[dict]:
+    """What the proxy asked the backend for: the bodies of its embedding requests."""
+    return [body for method, path, body, _ in sim.requests if path in ("/api/embed", "/v1/embeddings")]
+
+
+def test_embeddings_float_and_base64_agree(proxy, ollama):
     body = {"model": "embed", "input": "same text"}
-    floats = httpx.post(f"{proxy.url}/v1/embeddings", json={**body, "encoding_format": "float"}).json()
-    b64 = httpx.post(f"{proxy.url}/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    # no-store: each answer is computed by the backend, not replayed from the cache the first one filled
+    fresh = {"Cache-Control": "no-store"}
+    floats = httpx.post(f"{proxy.url}/v1/embeddings", json={**body, "encoding_format": "float"}, headers=fresh)
+    b64 = httpx.post(f"{proxy.url}/v1/embeddings", json={**body, "encoding_format": "base64"}, headers=fresh)
+    assert floats.headers["x-cache"] == b64.headers["x-cache"] == "MISS"
+    assert [call["input"] for call in embed_calls(ollama)] in (["same text"] * 2, [["same text"]] * 2)
+    floats, b64 = floats.json(), b64.json()
     vector = floats["data"][0]["embedding"]
     raw = base64.b64decode(b64["data"][0]["embedding"])
     decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
@@ -41,8 +52,10 @@ def test_embeddings_float_and_base64_agree(proxy):
 
 
 def test_embeddings_dimensions_reach_ollama(client, ollama):
-    resp = client.embeddings.create(model="embed", input="text", dimensions=8, encoding_format="float")
+    resp = client.embeddings.create(model="embed", input="text", dimensions=8, encoding_format="float",
+                                    extra_headers={"Cache-Control": "no-store"})  # fmt: skip
     assert len(resp.data[0].embedding) == 8
+    assert embed_calls(ollama)[-1]["dimensions"] == 8
     assert abs(norm(resp.data[0].embedding) - 1.0) < 1e-5
 
 
@@ -64,8 +77,13 @@ def test_embeddings_on_vllm_pass_through():
             resp = client.embeddings.create(model="vectors", input=["a", "b"])
             assert len(resp.data) == 2 and len(resp.data[0].embedding) > 0
             assert resp.model == "vectors"
-            floats = client.embeddings.create(model="vectors", input="a", encoding_format="float")
+            # no-store: the second answer must come from vLLM too, not from what the first one cached
+            floats = client.embeddings.create(model="vectors", input="a", encoding_format="float",
+                                              extra_headers={"Cache-Control": "no-store"})  # fmt: skip
             assert all(abs(x - y) < 1e-6 for x, y in zip(floats.data[0].embedding, resp.data[0].embedding))
+            calls = embed_calls(sim)
+            assert len(calls) == 2 and calls[0]["input"] == ["a", "b"] and calls[1]["input"] in ("a", ["a"])
+            assert calls[1]["model"] == "bge"
 
 
 def test_models_list_has_aliases_and_served_names(client):

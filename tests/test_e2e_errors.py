@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import openai
@@ -10,7 +9,7 @@ import orjson
 import pytest
 
 from proxy.sim import Behavior, SimOllama
-from tests.support import PROXY_KEY, ollama_models, running_proxy, wait_for
+from tests.support import PROXY_KEY, ollama_models, reset_health, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -223,7 +222,7 @@ def test_client_disconnect_cancels_upstream_non_stream(proxy, ollama):
 
 
 @pytest.fixture(scope="module")
-def slow_setup():
+def _slow_setup():
     with SimOllama(models=ollama_models()) as sim:
         config = {
             "timeouts": {"connect": 1, "first_byte": 0.5, "idle": 0.4},
@@ -240,6 +239,19 @@ def slow_setup():
             yield server, sim
 
 
+@pytest.fixture
+def slow_setup(_slow_setup):
+    """The slow setup with a well-behaved node and no learned health, restored even when a test fails."""
+    server, sim = _slow_setup
+    sim.behavior = Behavior()
+    sim.reset()
+    reset_health(server)
+    try:
+        yield server, sim
+    finally:
+        sim.behavior = Behavior()
+
+
 def test_unreachable_backend_is_503(slow_setup):
     server, _ = slow_setup
     resp = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "nowhere", "messages": MSG})
@@ -250,11 +262,9 @@ def test_unreachable_backend_is_503(slow_setup):
 def test_first_byte_timeout_is_504(slow_setup):
     server, sim = slow_setup
     sim.behavior = Behavior(ttft=3.0)
-    started = time.monotonic()
+    # The node would answer after 3 s and the client waits 10: a 504 can only be the proxy giving up.
     resp = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "chat", "messages": MSG}, timeout=10)
-    assert time.monotonic() - started < 2.5  # the proxy gave up, not the client
     assert_openai_error(resp, 504, code="backend_timeout")
-    sim.behavior = Behavior()
 
 
 def test_hung_backend_is_504_not_a_hang(slow_setup):
@@ -263,7 +273,6 @@ def test_hung_backend_is_504_not_a_hang(slow_setup):
     resp = httpx.post(f"{server.url}/v1/chat/completions",
                       json={"model": "chat", "messages": MSG, "stream": True}, timeout=10)  # fmt: skip
     assert_openai_error(resp, 504)
-    sim.behavior = Behavior()
 
 
 def test_idle_timeout_mid_stream_ends_with_error_event(slow_setup):
@@ -275,7 +284,6 @@ def test_idle_timeout_mid_stream_ends_with_error_event(slow_setup):
         events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
     last = orjson.loads(events[-1])
     assert last["error"]["code"] == "backend_timeout"
-    sim.behavior = Behavior()
 
 
 # --- limits and keys ----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
@@ -322,7 +321,7 @@ def test_sigterm_under_load_loses_no_history_row(node, tmp_path):
             await asyncio.gather(*(user() for _ in range(6)))
 
     def stop_soon():
-        time.sleep(1.0)
+        wait_for(lambda: len(seen) >= 12, timeout=20)  # under load: some answered, more in flight
         proc.send_signal(signal.SIGTERM)
 
     stopper = threading.Thread(target=stop_soon)

@@ -29,14 +29,18 @@ def test_langchain_tool_binding(proxy, vllm):
     assert message.tool_calls[0]["args"] == {"a": 6, "b": 7}
 
 
-def test_langchain_embeddings(proxy):
-    # LangChain's advice for any non-OpenAI server: send text, not tiktoken ids.
+def test_langchain_embeddings(proxy, ollama):
+    # LangChain's advice for any non-OpenAI server: send text, not tiktoken ids. no-store: embed_query
+    # must be answered by the backend, not by the cache embed_documents just filled.
     emb = langchain_openai.OpenAIEmbeddings(
-        model="embed", base_url=f"{proxy.url}/v1", api_key="unused", check_embedding_ctx_length=False
+        model="embed", base_url=f"{proxy.url}/v1", api_key="unused", check_embedding_ctx_length=False,
+        default_headers={"Cache-Control": "no-store"},
     )
     vectors = emb.embed_documents(["alpha", "beta"])
     assert len(vectors) == 2 and len(vectors[0]) == 16 and vectors[0] != vectors[1]
     assert emb.embed_query("alpha") == pytest.approx(vectors[0], abs=1e-6)
+    inputs = [body["input"] for method, path, body, _ in ollama.requests if path == "/api/embed"]
+    assert inputs == [["alpha", "beta"], ["alpha"]]
 
 
 def test_langchain_legacy_completions_llm(proxy, ollama):

@@ -241,6 +241,11 @@ def test_two_replicas_on_postgres_and_redis_are_one_proxy(postgres, redis_server
         for http in (a, b):
             listed = {r["id"] for r in http.get("/admin/history/requests?limit=1000").json()["data"]}
             assert ids <= listed
+        traffic = b.get("/admin/stats?window=3600&step=60")
+        assert traffic.status_code == 200, traffic.text  # the dashboard's SQL runs on PostgreSQL too
+        finished = [r for r in b.get("/admin/history/requests?limit=1000").json()["data"]
+                    if r["endpoint"].startswith("/v1/") and r["status"] != "in_progress"]  # fmt: skip
+        assert sum(traffic.json()["series"][0]["requests"]) == len(finished)
     assert not [r for r in caplog.records if PASSWORD in r.getMessage()]
 
 

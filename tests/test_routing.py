@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from proxy.sim import Behavior, ModelSpec, SimOllama
-from tests.support import ollama_models, reset_health, running_proxy
+from tests.support import ollama_models, reset_health, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -109,9 +109,13 @@ def test_a_backend_dying_under_load_fails_no_request(proxy, sims):
         await client.close()
         return [text for batch in results for text in batch]
 
-    killer = threading.Timer(0.25, lambda: (setattr(a, "behavior", Behavior(fail="die_mid_stream",
-                                                                               fail_after_chunks=1)),
-                                            a.stop()))  # fmt: skip
+    def kill_a_once_it_serves() -> None:
+        # Break "a" mid-load: once it has answered a few of the 64 requests, not after a fixed time.
+        if wait_for(lambda: a.completed >= 4, timeout=20):
+            a.behavior = Behavior(fail="die_mid_stream", fail_after_chunks=1)
+        a.stop()
+
+    killer = threading.Thread(target=kill_a_once_it_serves)
     killer.start()
     texts = asyncio.run(load())
     killer.join()

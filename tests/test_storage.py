@@ -257,14 +257,17 @@ def test_cancelled_transaction_rolls_back_and_leaves_the_connection_usable():
     async def main():
         db = await Database.open(":memory:", migrations=[(1, V1)])
 
+        inside = asyncio.Event()
+
         async def slow():
             async with db.transaction():
                 await db.execute("INSERT INTO runs VALUES (30)")
+                inside.set()
                 await asyncio.sleep(10)
 
         try:
             task = asyncio.create_task(slow())
-            await asyncio.sleep(0.05)
+            await inside.wait()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

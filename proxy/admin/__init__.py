@@ -5,12 +5,15 @@ Access is checked by :class:`proxy.middleware.AdminAuth` before any handler runs
 
 from starlette.routing import Route
 
-from . import nodes, operations, records, status
+from . import events, nodes, operations, records, stats, status
 
 
 def routes() -> list[Route]:
     return [
         Route("/admin/status", status.fleet_status, methods=["GET"]),
+        # Read-only feeds for the dashboard (proxy/ui): one SSE stream per page, and traffic over time.
+        Route("/admin/events", events.stream, methods=["GET"]),
+        Route("/admin/stats", stats.traffic, methods=["GET"]),
         Route("/admin/models", status.models, methods=["GET"]),
         Route("/admin/models/{name:path}/capabilities", status.capabilities, methods=["GET"]),
         Route("/admin/history/requests", records.list_requests, methods=["GET"]),

@@ -34,8 +34,8 @@ def backend_status(services: Services, name: str) -> dict:
     }
 
 
-async def fleet_status(request: Request) -> Response:
-    services: Services = request.app.state.services
+def fleet_snapshot(services: Services) -> dict:
+    """Backends, aliases and mismatches from what the process holds in memory (no I/O): also the dashboard's feed."""
     catalog, resolver = services.catalog, services.resolver
     aliases = []
     for alias in services.resolver.alias_models():
@@ -44,7 +44,7 @@ async def fleet_status(request: Request) -> Response:
         aliases.append({"name": alias.name, "target": alias.target, "served_by": served_by,
                         "state": "ok" if usable else ("unavailable" if served_by else "not_served"),
                         "fallback": list(alias.fallback)})  # fmt: skip
-    return _json({
+    return {
         "backends": [backend_status(services, n) for n in catalog.backends],
         "aliases": aliases,
         "alias_mismatches": resolver.alias_mismatches(),
@@ -53,7 +53,11 @@ async def fleet_status(request: Request) -> Response:
         # Where the shared state lives; a Redis that is down is said here (the proxy then polls the database).
         "storage": {"kind": "postgresql" if services.config.storage.url else "sqlite", "location": services.db.path},
         "redis": services.redis.status() if services.redis is not None else None,
-    })  # fmt: skip
+    }
+
+
+async def fleet_status(request: Request) -> Response:
+    return _json(fleet_snapshot(request.app.state.services))
 
 
 def _model_entry(services: Services, public: str, target: str) -> dict:

@@ -7,6 +7,10 @@ are the same code the proxy's ``POST /admin/models/sync`` uses; the pulls start
 at once (whoever runs the command, or its cron job, chose the time, so
 ``pulls.window`` does not apply) and are not stored as the proxy's operations.
 
+Pulls show as one progress line per node and model (fraction, speed, ETA),
+redrawn in place on a terminal and printed as plain lines otherwise
+(:mod:`proxy.terminal`).
+
 Exit status: 0 when every planned pull succeeded and every node answered, 1
 otherwise (the manifest is written either way, except for ``--dry-run``).
 """
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import TextIO
 
 from ..backends import make_backend
@@ -25,14 +28,13 @@ from ..errors import NotFound
 from ..storage import Database
 from ..storage.sealed import Sealer, key_path_for
 from ..store import SQLiteStore
+from ..terminal import PullProgress
 from .distribution import PlanItem, plan_sync
 from .manager import OperationManager
 from .model import Operation
 from .node_store import NodeStore
 from .pulls import PullRunner
 from .sync import SyncNode, collect, manifest, write_manifest
-
-_PROGRESS_EVERY = 5.0  # seconds between progress lines of one pull whose status did not change
 
 
 class _Nodes:
@@ -60,16 +62,6 @@ async def _registered(config: Config) -> list[BackendConfig]:
     return [b for b in stored if b.name not in known]
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
 def format_plan(plan: list[PlanItem]) -> str:
     if not plan:
         return "plan: nothing to do (no baseline or fallback models for these nodes)"
@@ -80,31 +72,15 @@ def format_plan(plan: list[PlanItem]) -> str:
     return "\n".join(lines)
 
 
-def format_progress(op: Operation) -> str:
-    parts = [f"{op.node}  {op.model}  {op.state}: {op.status}"]
-    if op.total:
-        parts.append(f"{op.fraction * 100:.1f}% of {_size(op.total)}")
-    if op.speed:
-        parts.append(f"{_size(op.speed)}/s")
-    if op.eta_seconds and op.active:
-        parts.append(f"ETA {op.eta_seconds:.0f}s")
-    if op.error:
-        parts.append(op.error)
-    return "  ".join(parts)
-
-
 async def _follow(manager: OperationManager, ops: list[Operation], out: TextIO) -> None:
-    shown: dict[str, tuple[str, str, float]] = {}
-    while True:
-        now = time.monotonic()
-        for op in ops:
-            state, status, at = shown.get(op.id, ("", "", 0.0))
-            if (op.state, op.status) != (state, status) or (op.active and now - at >= _PROGRESS_EVERY):
-                print(format_progress(op), file=out, flush=True)
-                shown[op.id] = (op.state, op.status, now)
-        if not any(op.active for op in ops):
-            return
-        await asyncio.sleep(0.2)
+    # The operations run in this process: their state is read in place, not through SSE.
+    with PullProgress(out) as view:
+        while True:
+            for op in ops:
+                view.update(op.as_dict())
+            if not any(op.active for op in ops):
+                return
+            await asyncio.sleep(0.2)
 
 
 async def run_sync(config: Config, *, dry_run: bool = False, skip_existing: bool = False, no_download: bool = False,

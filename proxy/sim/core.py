@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
@@ -124,6 +125,9 @@ class Output:
         self._transport = transport
         self.started = False
         self.aborted = False
+        # Set just before the client can see the end (last byte or reset): from then on the
+        # generation is only bookkeeping, and counter reads wait for it (see SimBase._settled).
+        self.ending = False
 
     async def start(self, status: int, media_type: str) -> None:
         headers = [(b"content-type", media_type.encode())]
@@ -134,6 +138,7 @@ class Output:
         await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def finish(self, data: bytes = b"") -> None:
+        self.ending = True
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def respond(self, status: int, body: bytes, media_type: str = "application/json") -> None:
@@ -148,6 +153,7 @@ class Output:
     def abort(self) -> None:
         """Drop the connection without finishing the response, like a crashed server."""
         self.aborted = True
+        self.ending = True
         if self._transport is None:
             raise AbortConnection()
         self._transport.abort()
@@ -251,6 +257,10 @@ class Generation:
         if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
             raise exc  # AbortConnection or a bug: uvicorn logs it and closes the connection
 
+    @property
+    def ending(self) -> bool:
+        return self._output is not None and self._output.ending
+
     def kill(self) -> None:
         """Server shutdown: cut the connection like a dying process would."""
         if self._output is not None and not self._output.aborted:
@@ -268,6 +278,7 @@ class SimBase:
     def __init__(self, behavior: Behavior | None, host: str, port: int) -> None:
         self.behavior = behavior if behavior is not None else Behavior()
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # notified whenever a generation is counted
         self._requests: list[tuple[str, str, Any, dict[str, str]]] = []
         self._active = 0
         self._max_active = 0
@@ -275,6 +286,7 @@ class SimBase:
         self._completed = 0
         self._failed = 0
         self._live: dict[Generation, asyncio.AbstractEventLoop] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's loop, once a generation ran on it
         self.app = SimApp(
             routes=self._routes() + self._control_routes(),
             on_request=self._record,
@@ -337,39 +349,43 @@ class SimBase:
 
     @property
     def active(self) -> int:
-        with self._lock:
+        with self._settled():
             return self._active
 
     @property
     def max_active(self) -> int:
-        with self._lock:
+        with self._settled():
             return self._max_active
 
     @property
     def cancelled(self) -> int:
-        with self._lock:
+        with self._settled():
             return self._cancelled
 
     @property
     def completed(self) -> int:
-        with self._lock:
+        with self._settled():
             return self._completed
 
     @property
     def failed(self) -> int:
         """Generations that ended in a scripted failure (not part of the brief's API, but handy)."""
-        with self._lock:
+        with self._settled():
             return self._failed
 
     def reset(self) -> None:
-        """Forget requests and counters; models and behaviour stay as they are."""
-        with self._lock:
+        """Forget requests and counters; models and behaviour stay as they are.
+
+        Generations that already answered are counted first, so a test's reset is not
+        undone by the previous test's last generation finishing its bookkeeping late.
+        """
+        with self._settled():
             del self._requests[:]
             self._max_active = self._active
             self._cancelled = self._completed = self._failed = 0
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
+        with self._settled():
             return {
                 "active": self._active,
                 "max_active": self._max_active,
@@ -378,6 +394,31 @@ class SimBase:
                 "failed": self._failed,
                 "requests": len(self._requests),
             }
+
+    def _ending(self) -> bool:
+        return any(g.counted and g.ending for g in self._live)
+
+    @contextlib.contextmanager
+    def _settled(self, timeout: float = 2.0):
+        """Hold the lock once every generation whose client has seen the end is counted.
+
+        A client has its whole answer (or its reset) a moment before the generation's
+        bookkeeping runs on the server's loop; without this wait a test reading a
+        counter right after its request would race that bookkeeping. On the server's
+        own loop nothing can finish while we wait, so there it does not wait (the
+        ``/_sim/stats`` handler waits asynchronously instead).
+        """
+        with self._lock:
+            if not self._on_server_loop():
+                self._ended.wait_for(lambda: not self._ending(), timeout)
+            yield
+
+    def _on_server_loop(self) -> bool:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return loop in self._live.values() or loop is self._loop
 
     def _record(self, scope: Scope, parsed: Any) -> None:
         if scope["path"].startswith("/_sim/"):
@@ -388,6 +429,7 @@ class SimBase:
 
     def _generation_started(self, generation: Generation, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
+            self._loop = loop
             self._live[generation] = loop
             if not generation.counted:
                 return
@@ -406,6 +448,7 @@ class SimBase:
                 self._cancelled += 1
             else:
                 self._failed += 1
+            self._ended.notify_all()
 
     # ----------------------------------------------------------- behaviour
 
@@ -457,9 +500,19 @@ class SimBase:
             return ORJSONResponse({"error": str(exc)}, status_code=400)
         return ORJSONResponse(self.behavior.to_dict())
 
+    async def _settled_here(self) -> None:
+        """What :meth:`_settled` waits for, from a handler on the server's own loop (which must keep running)."""
+        for _ in range(200):
+            with self._lock:
+                if not self._ending():
+                    return
+            await asyncio.sleep(0.01)
+
     async def _get_stats(self, request: Request) -> Response:
+        await self._settled_here()
         return ORJSONResponse(self.stats())
 
     async def _post_reset(self, request: Request) -> Response:
+        await self._settled_here()
         self.reset()
         return ORJSONResponse(self.stats())

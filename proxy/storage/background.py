@@ -55,10 +55,13 @@ class WriteBehind:
         """Flush until nothing is pending, or at most ``rounds`` batches (a reader that wants
         what was buffered when it asked must not chase a steady stream of new writes)."""
         done = 0
-        while self._pending() and (rounds is None or done < rounds):
+        while rounds is None or done < rounds:
+            # Take the lock even when nothing is pending: a flush under way has taken its batch out
+            # of the buffer but not committed it yet, and a reader must not run ahead of it.
             async with self._lock:
-                if self._pending():  # the loop may have written it while we waited
-                    await self._flush()
+                if not self._pending():
+                    return
+                await self._flush()
             done += 1
 
     async def close(self) -> None:
