@@ -19,6 +19,7 @@ import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from ..config import redact_url as redact
@@ -44,6 +45,12 @@ def to_dollar(sql: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _plain(record) -> tuple:
+    """A row as SQLite would give it: PostgreSQL's SUM of integers is NUMERIC, which comes back as Decimal."""
+    return tuple((int(v) if v == v.to_integral_value() else float(v)) if isinstance(v, Decimal) else v
+                 for v in record)  # fmt: skip
 
 
 def _rowcount(status: str) -> int:
@@ -109,9 +116,9 @@ class PostgresDatabase:
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         conn = self._conn()
         if conn is not None:
-            return [tuple(r) for r in await conn.fetch(to_dollar(sql), *params)]
+            return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
         async with self._pool.acquire() as conn:
-            return [tuple(r) for r in await conn.fetch(to_dollar(sql), *params)]
+            return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         rows = await self.fetchall(sql, params)
