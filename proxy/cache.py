@@ -199,16 +199,22 @@ class CacheStats:
     embedding_hits: int = 0
     embedding_misses: int = 0
     purged: int = 0
+    lookup_failures: int = 0  # database lookups that failed (a PostgreSQL server away), taken as misses
 
     @property
     def hits(self) -> int:
         return self.memory_hits + self.db_hits
 
 
-_PUT = ("INSERT OR REPLACE INTO response_cache (key, model, body, size, created_at, expires_at, last_used_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)")  # fmt: skip
-_PUT_EMBEDDING = ("INSERT OR REPLACE INTO embedding_cache (key, model, vector, created_at, expires_at, last_used_at) "
-                  "VALUES (?, ?, ?, ?, ?, ?)")  # fmt: skip
+# ON CONFLICT rather than SQLite's INSERT OR REPLACE: the same statement runs on PostgreSQL.
+_PUT = ("INSERT INTO response_cache (key, model, body, size, created_at, expires_at, last_used_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET model = excluded.model, body = excluded.body, "
+        "size = excluded.size, created_at = excluded.created_at, expires_at = excluded.expires_at, "
+        "last_used_at = excluded.last_used_at")  # fmt: skip
+_PUT_EMBEDDING = ("INSERT INTO embedding_cache (key, model, vector, created_at, expires_at, last_used_at) "
+                  "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET model = excluded.model, "
+                  "vector = excluded.vector, created_at = excluded.created_at, expires_at = excluded.expires_at, "
+                  "last_used_at = excluded.last_used_at")  # fmt: skip
 _TABLES = ("response_cache", "embedding_cache")
 
 
@@ -288,7 +294,10 @@ class ResponseCache:
             self.stats.memory_hits += 1
             return row[2]
         epoch = self._epoch
-        found = await self._db.fetchone("SELECT body, model, expires_at FROM response_cache WHERE key = ?", (key,))
+        try:
+            found = await self._db.fetchone("SELECT body, model, expires_at FROM response_cache WHERE key = ?", (key,))
+        except Exception as exc:  # a database server that is down costs a miss, never the request
+            found = self._unreachable(exc)
         if found is None or found[2] <= now:
             self.stats.misses += 1
             return None
@@ -298,6 +307,13 @@ class ResponseCache:
         self._touched[key] = now
         self.stats.db_hits += 1
         return body
+
+    def _unreachable(self, exc: Exception) -> None:
+        self.stats.lookup_failures += 1
+        if self.stats.lookup_failures in (1, 100) or self.stats.lookup_failures % 10_000 == 0:
+            log.warning("cache lookups in the database fail (%d so far), answered as misses: %s: %s",
+                        self.stats.lookup_failures, type(exc).__name__, exc)  # fmt: skip
+        return None
 
     def put(self, key: str, model: str, body: bytes) -> None:
         """Store a complete answer. Returns at once; the row is written in the background."""
@@ -331,10 +347,13 @@ class ResponseCache:
                 rest.append(key)
         for i in range(0, len(rest), 500):
             chunk = rest[i : i + 500]
-            rows = await self._db.fetchall(
-                f"SELECT key, vector, expires_at FROM embedding_cache WHERE key IN ({', '.join('?' * len(chunk))})",
-                chunk,
-            )
+            try:
+                rows = await self._db.fetchall(
+                    f"SELECT key, vector, expires_at FROM embedding_cache WHERE key IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            except Exception as exc:
+                rows = self._unreachable(exc) or []
             for key, blob, expires_at in rows:
                 if expires_at > now:
                     found[key] = unpack_vector(blob)
@@ -393,7 +412,7 @@ class ResponseCache:
         for table in _TABLES:
             while True:
                 n = await self._db.execute(
-                    f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE expires_at <= ? LIMIT 5000)",
+                    f"DELETE FROM {table} WHERE key IN (SELECT key FROM {table} WHERE expires_at <= ? LIMIT 5000)",
                     (now,),
                 )
                 total += n
@@ -495,6 +514,6 @@ class ResponseCache:
         if excess <= 0:
             return 0
         return await db.execute(
-            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} ORDER BY last_used_at LIMIT ?)",
+            f"DELETE FROM {table} WHERE key IN (SELECT key FROM {table} ORDER BY last_used_at LIMIT ?)",
             (excess,),
         )

@@ -17,9 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+
+from .cron import Cron, CronError
 
 BackendKind = Literal["ollama", "vllm", "openai"]
 
@@ -57,6 +59,16 @@ def _node_name(value: str) -> str | None:
     return None if NODE_NAME.fullmatch(value) else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+def _cron(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        Cron.parse(value)
+    except CronError as exc:
+        return f"not a cron expression: {exc}"
+    return None
+
+
 def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "expected a port number from 0 to 65535"
 
@@ -85,9 +97,19 @@ class ServerConfig:
 class StorageConfig:
     # Relative paths are taken from the config file's directory.
     path: str = "./llm-proxy.db"
+    # Instead of path: postgresql://user:${PGPASSWORD}@host:5432/db, shared by replicas on several
+    # hosts (pip install 'llm-proxy[postgres]'). Never logged or shown with its password.
+    url: str = field(default="", repr=False)
     # The key that encrypts secrets kept in the database (registered nodes' api_key); created at
     # first start, mode 0600. Empty: next to the database (llm-proxy.db -> llm-proxy.key).
     key_path: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    # redis://[:password@]host:6379/0 (optional, beside either storage): changes reach the other
+    # replicas at once (pub/sub) instead of at their next poll (pip install 'llm-proxy[redis]').
+    url: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -295,6 +317,10 @@ class DistributionConfig:
     baseline: tuple[str, ...] = ()  # every node holds these
     fallback: tuple[str, ...] = ()  # and these where its tier allows
     manifest_path: str = "./llm-proxy-manifest.json"
+    # When to sync baseline and fallback models by itself: a five-field cron expression in local
+    # time ("0 3 * * *": every day at 03:00), inside pulls.window if one is set. One process of the
+    # fleet runs each firing. Empty: only on request (POST /admin/models/sync, llm-proxy sync).
+    schedule: str = field(default="", metadata=_check(_cron))
 
 
 @dataclass(frozen=True)
@@ -310,6 +336,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     pulls: PullConfig = PullConfig()
     distribution: DistributionConfig = DistributionConfig()
+    redis: RedisConfig = RedisConfig()
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -503,12 +530,64 @@ def _check_routing(config: Config, problems: list[str]) -> None:
         problems.append(f"health.max_cooldown: must be at least health.cooldown ({h.cooldown}), got {h.max_cooldown}")
     if config.pulls.window and not _WINDOW.fullmatch(config.pulls.window):
         problems.append(f"pulls.window: expected HH:MM-HH:MM (e.g. 01:00-05:00), got {config.pulls.window!r}")
+    _check_schedule(config, problems)
     tiers = [t.min_gpu_memory_gb for t in config.distribution.tiers if t is not None]
     if len(set(tiers)) != len(tiers):
         problems.append("distribution.tiers: two tiers have the same min_gpu_memory_gb")
 
 
+def _check_schedule(config: Config, problems: list[str]) -> None:
+    """A schedule must fire inside pulls.window at least sometimes, or its pulls would always wait."""
+    schedule, window = config.distribution.schedule, config.pulls.window
+    if not schedule or not window or _cron(schedule) or not _WINDOW.fullmatch(window):
+        return
+    start, end = (int(t[:2]) * 60 + int(t[3:]) for t in window.split("-"))
+    inside = [m for m in Cron.parse(schedule).times_of_day()
+              if start == end or (start <= m < end if start < end else (m >= start or m < end))]  # fmt: skip
+    if not inside:
+        problems.append(f"distribution.schedule: {schedule!r} never fires inside pulls.window ({window}); "
+                        "pick a time in the window")  # fmt: skip
+
+
 _WINDOW = re.compile(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d")
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password, for logs, errors and /admin."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _url_problem(url: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return True
+    return parts.scheme not in schemes or not parts.hostname
+
+
+def _check_shared_storage(config: Config, data: Any, problems: list[str]) -> None:
+    raw = data.get("storage") if isinstance(data, dict) else None
+    storage = config.storage
+    if isinstance(raw, dict) and "path" in raw and "url" in raw:
+        problems.append("storage: give either path (SQLite, one host) or url (PostgreSQL), not both")
+    if storage.url:
+        if _url_problem(storage.url, ("postgresql", "postgres")):
+            problems.append(f"storage.url: expected postgresql://user:password@host:5432/database, got "
+                            f"{redact_url(storage.url)!r}")  # fmt: skip
+        if not storage.key_path:
+            problems.append("storage.key_path: required with storage.url: every replica needs the same key file "
+                            "to read the node keys kept in the database")  # fmt: skip
+    if config.redis.url and _url_problem(config.redis.url, ("redis", "rediss")):
+        problems.append(f"redis.url: expected redis://[:password@]host:6379/0, got {redact_url(config.redis.url)!r}")
 
 
 def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source: str = "config") -> Config:
@@ -519,6 +598,7 @@ def parse_config(data: Any, env: typing.Mapping[str, str] | None = None, source:
     if config is not None:
         _check_references(config, problems)
         _check_routing(config, problems)
+        _check_shared_storage(config, data, problems)
     if problems:
         raise ConfigError(problems, source)
     return config

@@ -130,6 +130,9 @@ _COLUMNS = ("id", "instance_id", "endpoint", "started_at", "finished_at", "durat
             "requested_model", "resolved_model", "backend", "attempts", "cache_hit", "prompt_tokens",
             "completion_tokens", "ttft_seconds", "http_status", "error", "key_id", "stream",
             "request_body", "response_body")  # fmt: skip
+_REGISTER = ("INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
+             "ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+             "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at")  # fmt: skip
 _UPSERT = (
     f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
     f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}"
@@ -192,7 +195,7 @@ class History:
             return
         now = self._clock()
         await self._db.execute(
-            "INSERT OR REPLACE INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+            _REGISTER,
             (self.instance_id, self.host, self.pid, now, now),
         )
         await self.sweep()
@@ -288,6 +291,11 @@ class History:
 
     # --- the writer -----------------------------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Rows waiting to be written (many while the database is away)."""
+        return len(self._pending)
+
     def _has_pending(self) -> bool:
         return bool(self._pending)
 
@@ -321,7 +329,7 @@ class History:
             # Another instance took us for dead (this loop stalled past stale_after): register again.
             now = self._clock()
             await self._db.execute(
-                "INSERT OR REPLACE INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                _REGISTER,
                 (self.instance_id, self.host, self.pid, now, now),
             )
         if self._ticks % self._sweep_every == 0:
@@ -367,7 +375,7 @@ class History:
         total = 0
         while True:
             n = await self._db.execute(
-                "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests WHERE started_at < ? LIMIT 5000)",
+                "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE started_at < ? LIMIT 5000)",
                 (cutoff,),
             )
             total += n

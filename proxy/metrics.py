@@ -212,6 +212,11 @@ class Metrics:
                              multiprocess_mode="livesum")  # fmt: skip
         self._alias_mismatch = family(Gauge, "alias_mismatch", "1 while an alias's target is not what the backend serves",
                                       ("alias", "target", "backend"), multiprocess_mode="livemostrecent")  # fmt: skip
+        # With the database away (PostgreSQL down), history rows wait in memory up to a bound.
+        self._history_buffered = Gauge(PREFIX + "history_rows_buffered", "History rows waiting to be written",
+                                       registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self._history_dropped = Gauge(PREFIX + "history_rows_dropped", "History rows dropped since start: the "
+                                      "buffer was full", registry=r, multiprocess_mode="livesum")  # fmt: skip
         self._overhead = family(Histogram, "overhead_seconds", "Time spent in the proxy itself, backend excluded",
                                 ("endpoint",), buckets=OVERHEAD_BUCKETS)  # fmt: skip
 
@@ -226,7 +231,7 @@ class Metrics:
     def _disable(self) -> None:
         for name in ("request", "remove_backend", "cache_lookup", "cache_evictions", "failover", "retry", "backend_state",
                      "backend_in_flight", "set_backend_in_flight", "backend_queue", "set_backend_queue",
-                     "alias_mismatch", "overhead"):  # fmt: skip
+                     "alias_mismatch", "overhead", "history_buffer"):  # fmt: skip
             setattr(self, name, _noop)
 
     # --- the request path -----------------------------------------------------------------------
@@ -261,6 +266,10 @@ class Metrics:
 
     def cache_lookup(self, model: str, endpoint: str, hit: bool) -> None:
         (self._cache_hits if hit else self._cache_misses).child((model, endpoint)).inc()
+
+    def history_buffer(self, buffered: int, dropped: int) -> None:
+        self._history_buffered.set(buffered)
+        self._history_dropped.set(dropped)
 
     def cache_evictions(self, tier: str, count: int = 1) -> None:
         self._cache_evictions.child((tier,)).inc(count)

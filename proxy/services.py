@@ -6,6 +6,11 @@ shows how the parts fit: backends (adapters) -> health and admission per backend
 (choice and failover) -> gateway (the HTTP-facing chain), with storage, history,
 cache and metrics beside it. The app keeps the
 result on ``app.state.services``; nothing lives in module globals.
+
+The process is not alone (``serve --workers N``): what all processes must agree
+on (registered nodes, drains, aliases, operations, health) goes through the
+fleet store (:mod:`proxy.store`), whose change feed applies the others' changes
+here in the background.
 """
 
 from __future__ import annotations
@@ -16,21 +21,27 @@ import os
 from dataclasses import dataclass
 
 from .admission import Slots
-from .backends import Backend, make_backend
+from .backends import Backend
 from .cache import ResponseCache
 from .caching import Caching
 from .catalog import Catalog
 from .config import BackendConfig, Config
 from .gateway import Gateway
-from .health import BackendHealth, Monitor
+from .health import Monitor
 from .history import History
 from .metrics import Metrics, mark_process_dead
-from .operations import Fleet
+from .node_table import NodeTable
+from .operations import Fleet, FleetParts
 from .resolve import Resolver
 from .routing import Router
 from .storage import Database
 from .storage.background import Periodic
 from .storage.sealed import Sealer, key_path_for
+from .store import ChangeFeed, FleetStore, SQLiteStore
+from .store.base import HEALTH
+from .store.health import HealthShare
+from .store.postgres import PostgresStore
+from .store.redis import RedisSignal
 
 log = logging.getLogger("llm_proxy")
 
@@ -56,13 +67,23 @@ class Services:
     fleet: Fleet | None = None  # the admin side: nodes, operations, activation (proxy/operations)
     sealer: Sealer | None = None  # encrypts the secrets kept in the database
     storage_watch: Periodic | None = None  # notices a database file deleted or replaced under us
+    store: FleetStore | None = None  # state shared with the other proxy processes
+    feed: ChangeFeed | None = None  # their changes, applied here
+    redis: RedisSignal | None = None  # with redis.url: the other replicas hear of a change at once
+    nodes: NodeTable | None = None  # adds and removes a node's parts, all at once
 
     @classmethod
     async def open(cls, config: Config) -> Services:
         """Open storage and build the chain; :meth:`start` then brings it to life."""
-        db = await Database.open(config.storage.path)
-        log.info("storage: %s (schema version %d)", db.path if db.path == ":memory:" else os.path.abspath(db.path),
-                 db.schema_version)  # fmt: skip
+        if config.storage.url:
+            from .storage.postgres import PostgresDatabase
+
+            db = await PostgresDatabase.open(config.storage.url)
+            log.info("storage: PostgreSQL %s (schema version %d)", db.path, db.schema_version)
+        else:
+            db = await Database.open(config.storage.path)
+            log.info("storage: %s (schema version %d)", db.path if db.path == ":memory:" else os.path.abspath(db.path),
+                     db.schema_version)  # fmt: skip
         sealer = await asyncio.to_thread(Sealer.open, key_path_for(config.storage.path, config.storage.key_path))
         metrics = Metrics(config.metrics)
         history = History(db, config.history)
@@ -76,18 +97,24 @@ class Services:
                        Monitor(config.health.interval, lambda: services.check()))  # fmt: skip
         router.on_model_missing = lambda c: catalog.recheck_soon()
         services.sealer = sealer
+        services.nodes = NodeTable(config, catalog, slots, metrics)
         services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
+        services.store = PostgresStore(db) if config.storage.url else SQLiteStore(db)
+        services.feed = ChangeFeed(services.store)
+        if config.redis.url:
+            services.redis = RedisSignal(config.redis.url, services.feed.wake, services.store.instance)
+            services.store.notify = services.redis.ping
+        share = HealthShare(services.store, catalog.health)
+        services.feed.on(HEALTH, share.apply)
+        services.feed.every(0.0, share.publish)
         for backend in config.backends:
             services.add_backend(backend)
-        services.fleet = Fleet(services)
+        services.fleet = Fleet(FleetParts(config, catalog, resolver, services.nodes, services.store, services.feed,
+                                          history, sealer))  # fmt: skip
         return services
 
     def add_backend(self, config: BackendConfig) -> Backend:
-        backend = make_backend(config, self.config.timeouts_for(config))
-        routing = self.config.routing
-        self.slots[config.name] = Slots(config.name, config.max_concurrent, routing.queue_size, routing.queue_timeout)
-        self.catalog.add(config.name, backend, BackendHealth(config.name, config.weight, self.config.health))
-        return backend
+        return self.nodes.add(config)
 
     async def check(self) -> None:
         """One health round: probe and list every backend, then report aliases nobody serves."""
@@ -104,6 +131,7 @@ class Services:
             self.metrics.backend_state(name, health.state)
             self.metrics.set_backend_in_flight(name, health.in_flight)
             self.metrics.set_backend_queue(name, self.slots[name].queued)
+        self.metrics.history_buffer(self.history.buffered, self.history.stats.dropped + self.history.stats.deferred)
 
     async def start(self) -> None:
         await self.history.start()
@@ -119,15 +147,19 @@ class Services:
             log.info("backend %s: %s", name, state)
         self.monitor.start()
         self.storage_watch.start()
+        self.feed.start()
+        if self.redis is not None:
+            self.redis.start()
 
     def remove_backend(self, name: str) -> None:
         """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
-        self.catalog.remove(name)
-        self.slots.pop(name, None)
-        self.metrics.remove_backend(name)
+        self.nodes.remove(name)
 
     async def close(self) -> None:
         await self.storage_watch.close()
+        await self.feed.close()
+        if self.redis is not None:
+            await self.redis.close()
         await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))

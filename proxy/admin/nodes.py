@@ -19,7 +19,7 @@ from ..backends.ollama import normalize
 from ..errors import InvalidRequest, ProxyError
 from ..operations.distribution import tier_models
 from ..operations.fleet import Fleet
-from .operations import flag, fleet_of, json_response, read_body
+from .operations import current_fleet, flag, json_response, read_body
 
 
 @dataclass
@@ -30,9 +30,9 @@ class _Live:
 
 
 async def _live(fleet: Fleet, name: str) -> _Live:
-    services = fleet.services
-    backend = services.catalog.backends[name]
-    view = services.catalog.views[name]
+    parts = fleet.parts
+    backend = parts.catalog.backends[name]
+    view = parts.catalog.views[name]
     cached = [{"model": m.name, "size": m.details.get("size"), "digest": m.details.get("digest"),
                "modified_at": m.details.get("modified_at")} for m in view.models]  # fmt: skip
     if backend.config.kind != "ollama":
@@ -51,10 +51,10 @@ async def _live(fleet: Fleet, name: str) -> _Live:
 
 
 def _view(fleet: Fleet, name: str, live: _Live) -> dict:
-    services = fleet.services
-    config = services.catalog.backends[name].config
-    health = services.catalog.health[name]
-    catalog_view = services.catalog.views[name]
+    parts = fleet.parts
+    config = parts.catalog.backends[name].config
+    health = parts.catalog.health[name]
+    catalog_view = parts.catalog.views[name]
     downloading = [{"model": op.model, "operation": op.id, "state": op.state, "status": op.status,
                     "fraction": round(op.fraction, 4)}
                    for op in fleet.manager.list(node=name, kind="pull", limit=10_000) if op.active]  # fmt: skip
@@ -68,7 +68,7 @@ def _view(fleet: Fleet, name: str, live: _Live) -> dict:
         "version": health.version,
         "weight": config.weight,
         "gpu_memory_gb": config.gpu_memory_gb,
-        "tier_models": list(tier_models(services.config.distribution.tiers, config.gpu_memory_gb)),
+        "tier_models": list(tier_models(parts.config.distribution.tiers, config.gpu_memory_gb)),
         "in_flight": health.in_flight,
         "max_concurrent": config.max_concurrent,
         "reachable": catalog_view.reachable,
@@ -85,12 +85,12 @@ async def _views(fleet: Fleet, names: list[str]) -> list[dict]:
 
 
 async def list_nodes(request: Request) -> Response:
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     return json_response({"object": "list", "data": await _views(fleet, fleet.registry.names())})
 
 
 async def get_node(request: Request) -> Response:
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     name = request.path_params["name"]
     fleet.registry.config_of(name)
     return json_response((await _views(fleet, [name]))[0])
@@ -98,10 +98,12 @@ async def get_node(request: Request) -> Response:
 
 async def register_node(request: Request) -> Response:
     """POST /admin/nodes {name, kind, url, weight?, gpu_memory_gb?, api_key?, max_concurrent?, ...} -> 201."""
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     config, ops = await fleet.register_node(await read_body(request))
+    submitted = [op.as_dict() for op in ops]
+    await fleet.settle()
     view = (await _views(fleet, [config.name]))[0]
-    return json_response({"node": view, "operations": [op.as_dict() for op in ops]}, 201)
+    return json_response({"node": view, "operations": submitted}, 201)
 
 
 def _timeout(request: Request, body: dict) -> float | None:
@@ -121,30 +123,30 @@ async def remove_node(request: Request) -> Response:
     """DELETE /admin/nodes/{name}[?timeout=S&force=true]: drain, wait for in-flight requests, remove."""
     body = await read_body(request, optional=True)
     force = request.query_params.get("force", "").lower() in ("1", "true", "yes") or flag(body, "force")
-    outcome = await fleet_of(request).remove_node(request.path_params["name"], timeout=_timeout(request, body),
+    outcome = await (await current_fleet(request)).remove_node(request.path_params["name"], timeout=_timeout(request, body),
                                                   force=force)  # fmt: skip
     return json_response(outcome)
 
 
 async def drain_node(request: Request) -> Response:
     """POST /admin/nodes/{name}/drain: no new requests go there; those in flight finish."""
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     name = request.path_params["name"]
-    fleet.drain_node(name, True)
+    await fleet.drain_node(name, True)
     return json_response((await _views(fleet, [name]))[0])
 
 
 async def resume_node(request: Request) -> Response:
     """POST /admin/nodes/{name}/resume: the node takes requests again."""
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     name = request.path_params["name"]
-    fleet.drain_node(name, False)
+    await fleet.drain_node(name, False)
     return json_response((await _views(fleet, [name]))[0])
 
 
 async def model_matrix(request: Request) -> Response:
     """GET /admin/models/matrix: for each model and node, installed / loaded / downloading (with fraction)."""
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     names = fleet.registry.names()
     lives = dict(zip(names, await asyncio.gather(*(_live(fleet, n) for n in names))))
     rows: dict[str, dict] = {}

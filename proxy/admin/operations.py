@@ -31,6 +31,13 @@ def fleet_of(request: Request) -> Fleet:
     return request.app.state.services.fleet
 
 
+async def current_fleet(request: Request) -> Fleet:
+    """The fleet with what other proxy processes changed applied, so a read after their write sees it."""
+    fleet = fleet_of(request)
+    await fleet.catch_up()
+    return fleet
+
+
 async def read_body(request: Request, *, optional: bool = False) -> dict:
     """The JSON object in the body; ``{}`` for an empty body when ``optional``."""
     limit = request.app.state.services.config.server.max_body_bytes
@@ -61,14 +68,16 @@ def _listing(ops) -> dict:
 async def pull(request: Request) -> Response:
     """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node."""
     body = await read_body(request)
-    ops = fleet_of(request).pull(_model(body), body.get("nodes", "all"), force=flag(body, "force"))
-    return json_response(_listing(ops), 202)
+    fleet = await current_fleet(request)
+    listing = _listing(fleet.pull(_model(body), body.get("nodes", "all"), force=flag(body, "force")))
+    await fleet.settle()  # as submitted, not as it stands after the write
+    return json_response(listing, 202)
 
 
 async def delete_model(request: Request) -> Response:
     """DELETE /admin/models/{model} {nodes: [..] | "all", force?}: removes it, waits for the deletes."""
     body = await read_body(request)
-    fleet = fleet_of(request)
+    fleet = await current_fleet(request)
     ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"))
     return json_response(_listing(ops))
 
@@ -82,17 +91,21 @@ async def sync(request: Request) -> Response:
     path = body.get("manifest_path")
     if path is not None and (not isinstance(path, str) or not path):
         raise InvalidRequest("manifest_path must be a path", param="manifest_path")
-    answer = await fleet_of(request).sync(dry_run=flag(body, "dry_run"), skip_existing=flag(body, "skip_existing"),
-                                          no_download=flag(body, "no_download"), manifest_path=path)  # fmt: skip
+    fleet = await current_fleet(request)
+    answer = await fleet.sync(dry_run=flag(body, "dry_run"), skip_existing=flag(body, "skip_existing"),
+                              no_download=flag(body, "no_download"), manifest_path=path)  # fmt: skip
+    await fleet.settle()
     return json_response(answer, 200 if answer["dry_run"] else 202)
 
 
 async def activate(request: Request) -> Response:
     """POST /admin/models/activate {alias, model, pull?, unload_old?, served_name?} -> 202, one operation."""
     body = await read_body(request)
-    activator = fleet_of(request).activator
-    plan = await activator.plan(body)
-    return json_response(activator.submit(plan, body).as_dict(), 202)
+    fleet = await current_fleet(request)
+    plan = await fleet.activator.plan(body)
+    answer = fleet.activator.submit(plan, body).as_dict()
+    await fleet.settle()
+    return json_response(answer, 202)
 
 
 # --- operations ---------------------------------------------------------------------------------
@@ -110,19 +123,19 @@ async def list_operations(request: Request) -> Response:
         limit = int(query.get("limit", 100))
     except ValueError:
         raise InvalidRequest("limit must be an integer", param="limit") from None
-    ops = fleet_of(request).manager.list(state=query.get("state"), node=query.get("node"), kind=query.get("kind"),
+    ops = (await current_fleet(request)).manager.list(state=query.get("state"), node=query.get("node"), kind=query.get("kind"),
                                          model=query.get("model"), limit=min(max(limit, 1), 1000))  # fmt: skip
     return json_response(_listing(ops))
 
 
 async def get_operation(request: Request) -> Response:
-    return json_response(fleet_of(request).manager.get(request.path_params["id"]).as_dict())
+    return json_response((await current_fleet(request)).manager.get(request.path_params["id"]).as_dict())
 
 
 async def cancel_operation(request: Request) -> Response:
     """DELETE /admin/operations/{id}: cancels, and answers once it has stopped (or after a few seconds)."""
-    manager = fleet_of(request).manager
-    op = manager.cancel(request.path_params["id"])
+    manager = (await current_fleet(request)).manager
+    op = await manager.cancel(request.path_params["id"])
     try:
         await manager.wait(op.id, timeout=5.0)
     except TimeoutError:
@@ -132,7 +145,10 @@ async def cancel_operation(request: Request) -> Response:
 
 async def retry_operation(request: Request) -> Response:
     """POST /admin/operations/{id}/retry: runs a failed, cancelled or interrupted operation again (same id)."""
-    return json_response(fleet_of(request).manager.retry(request.path_params["id"]).as_dict(), 202)
+    fleet = await current_fleet(request)
+    answer = (await fleet.manager.retry(request.path_params["id"])).as_dict()
+    await fleet.settle()
+    return json_response(answer, 202)
 
 
 def _frame(snapshot: dict) -> bytes:
@@ -141,7 +157,7 @@ def _frame(snapshot: dict) -> bytes:
 
 async def operation_events(request: Request) -> Response:
     """GET /admin/operations/{id}/events: SSE, one ``data:`` frame per change, ending with the operation."""
-    manager = fleet_of(request).manager
+    manager = (await current_fleet(request)).manager
     op_id = request.path_params["id"]
     op = manager.get(op_id)
     queue = manager.subscribe(op_id)  # before the first frame, so no change falls in between

@@ -109,11 +109,13 @@ async def traffic(request: Request) -> Response:
     start = until - size * step
     db = request.app.state.services.db
     rows = await db.fetchall(
-        f"SELECT CAST((started_at - ?) / ? AS INTEGER) AS bucket, {_KEYS[by]} AS key, {_BIN} AS bin, COUNT(*), "
+        # Integer division of integers truncates alike in SQLite and PostgreSQL (a CAST of a fraction rounds
+        # on PostgreSQL, which would put late requests in the next bucket).
+        f"SELECT (CAST(started_at AS INTEGER) - ?) / ? AS bucket, {_KEYS[by]} AS key, {_BIN} AS bin, COUNT(*), "
         "SUM(COALESCE(completion_tokens, 0)), SUM(cache_hit) FROM requests "
         "WHERE started_at >= ? AND started_at < ? AND endpoint LIKE '/v1/%' AND status != 'in_progress' "
         "GROUP BY bucket, key, bin",
-        (start, step, start, until),
+        (int(start), int(step), start, until),
     )
     total = _Series("all", size)
     per_key: dict[str, _Series] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -46,6 +48,11 @@ def fleet_snapshot(services: Services) -> dict:
         "backends": [backend_status(services, n) for n in catalog.backends],
         "aliases": aliases,
         "alias_mismatches": resolver.alias_mismatches(),
+        # Which process answered (serve --workers N): each holds the whole fleet, this tells them apart.
+        "process": {"pid": os.getpid(), "instance": services.store.instance if services.store else None},
+        # Where the shared state lives; a Redis that is down is said here (the proxy then polls the database).
+        "storage": {"kind": "postgresql" if services.config.storage.url else "sqlite", "location": services.db.path},
+        "redis": services.redis.status() if services.redis is not None else None,
     }
 
 

@@ -70,8 +70,8 @@ class Activator:
         self.fleet = fleet
 
     @property
-    def services(self):
-        return self.fleet.services
+    def parts(self):
+        return self.fleet.parts
 
     # --- at request time ------------------------------------------------------------------------
 
@@ -86,7 +86,7 @@ class Activator:
         for key in ("pull", "unload_old"):
             if not isinstance(body.get(key, False), bool):
                 raise InvalidRequest(f"{key} must be true or false", param=key)
-        resolver = self.services.resolver
+        resolver = self.parts.resolver
         entry = resolver.aliases.get(alias)
         if entry is None:
             raise NotFound(f"No alias called {alias!r} (aliases: {', '.join(resolver.aliases) or 'none'})",
@@ -113,7 +113,7 @@ class Activator:
         return Plan(alias, model, runtime, nodes, missing, served)
 
     def _nodes(self, alias) -> tuple[str, list[str]]:
-        catalog = self.services.catalog
+        catalog = self.parts.catalog
         kinds = {n: b.config.kind for n, b in catalog.backends.items()}
         if alias.backends:
             nodes = [n for n in alias.backends if n in kinds]
@@ -156,7 +156,7 @@ class Activator:
 
     async def __call__(self, op: Operation, manager: OperationManager) -> None:
         alias, params = op.params["alias"], op.params
-        old = self.services.resolver.aliases[alias].target
+        old = self.parts.resolver.aliases[alias].target
         manager.begin(op, f"activating {op.model} for {alias} on {', '.join(params['nodes'])}")
         if params["runtime"] == "ollama":
             target = await self._ollama(op, manager, old)
@@ -164,7 +164,7 @@ class Activator:
             served = await asyncio.gather(*(self._vllm(op, manager, n, old) for n in params["nodes"]))
             target = served[0]
         manager.say(op, "refreshing what the nodes serve")
-        await self.services.catalog.refresh()
+        await self.parts.catalog.refresh()
         previous = await self.fleet.aliases.set(alias, target, operation_id=op.id)
         op.fraction = 1.0
         op.result = {"alias": alias, "previous": previous, "target": target, "nodes": params["nodes"]}
@@ -180,7 +180,7 @@ class Activator:
         nodes, children = op.params["nodes"], op.params.get("children", [])
         for child in children:
             if manager.get(child).state in RETRYABLE:
-                manager.retry(child)
+                await manager.retry(child)
         if children:
             manager.say(op, f"pulling {op.model} on {len(children)} node(s)")
             failed = [f"{c.node}: {c.error or c.state}" for c in await manager.follow(op, children)
@@ -206,7 +206,7 @@ class Activator:
         return op.model
 
     async def _unload(self, op: Operation, manager: OperationManager, previous: str) -> dict:
-        still_used = {normalize(a.target) for a in self.services.resolver.alias_models()}
+        still_used = {normalize(a.target) for a in self.parts.resolver.alias_models()}
         if normalize(previous) in still_used:
             return {"skipped": f"{previous} is still the target of another alias"}
         manager.say(op, f"unloading {previous}")
@@ -222,7 +222,7 @@ class Activator:
     async def _vllm(self, op: Operation, manager: OperationManager, node: str, old: str) -> str:
         registry = self.fleet.registry
         config = registry.config_of(node)
-        health = self.services.catalog.health[node]
+        health = self.parts.catalog.health[node]
         served = op.params.get("served_name") or op.model
         was_draining = health.draining
         registry.drain(node)
@@ -239,7 +239,7 @@ class Activator:
             manager.say(op, f"{node}: waiting for {served} to be served")
             return await self._served(op, node, served, deadline, config.activate_timeout, old)
         finally:
-            if node in self.services.catalog.health:
+            if node in self.parts.catalog.health:
                 registry.drain(node, was_draining)
 
     async def _run(self, node: str, argv: list[str], timeout: float) -> None:
@@ -265,7 +265,7 @@ class Activator:
                              status=502)  # fmt: skip
 
     async def _served(self, op: Operation, node: str, served: str, deadline: float, timeout: float, old: str) -> str:
-        backend = self.services.catalog.backends[node]
+        backend = self.parts.catalog.backends[node]
         by_root = "served_name" not in op.params
         last = "it has not answered yet"
         while True:

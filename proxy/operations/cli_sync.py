@@ -27,6 +27,7 @@ from ..config import BackendConfig, Config
 from ..errors import NotFound
 from ..storage import Database
 from ..storage.sealed import Sealer, key_path_for
+from ..store import SQLiteStore
 from ..terminal import PullProgress
 from .distribution import PlanItem, plan_sync
 from .manager import OperationManager
@@ -54,7 +55,7 @@ async def _registered(config: Config) -> list[BackendConfig]:
     sealer = await asyncio.to_thread(Sealer.open, key_path_for(path, config.storage.key_path))
     db = await Database.open(path)
     try:
-        stored = await NodeStore(db, sealer).load()
+        stored = await NodeStore(SQLiteStore(db), sealer).load()
     finally:
         await db.close()
     known = {b.name for b in config.backends}

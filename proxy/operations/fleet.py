@@ -1,11 +1,18 @@
 """The admin side of the proxy, wired together: nodes, operations, alias overrides, sync and activation.
 
-Built with the other services (``services.fleet``), started before the first
+Built from the narrow parts it needs (:class:`FleetParts`: the config, the
+catalog, the resolver, the node table, the fleet store and its feed, the
+history, the sealer), not from the whole set of services, so nothing here can
+reach into the request path's objects. Kept as ``services.fleet``, started before the first
 health round (so registered nodes are probed with the others, and activated
 aliases are in place before the first request), and closed first at shutdown
 (running operations end as ``interrupted`` while the history can still record
 it). The admin handlers call the methods here; each checks what it is asked and
 raises a 4xx ProxyError before anything starts.
+
+The state is shared with the other proxy processes through the fleet store
+(``parts.store``): this process's changes are written there, theirs arrive
+through the change feed (``parts.feed``), whose handlers are wired here.
 """
 
 from __future__ import annotations
@@ -13,12 +20,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..backends.ollama import normalize
-from ..config import BackendConfig
+from ..catalog import Catalog
+from ..config import BackendConfig, Config
+from ..node_table import NodeTable
+from ..resolve import Resolver
+from ..storage.sealed import Sealer
+from ..store import ChangeFeed, FleetStore
 from ..errors import Conflict, InvalidRequest
+from ..store.base import ALIAS, CANCEL, DRAIN, NODES, OPERATION, Change
 from .activate import Activator
 from .aliases import AliasOverrides
 from .audit import Audit
@@ -28,37 +42,93 @@ from .model import Operation
 from .node_store import NodeStore
 from .pulls import DeleteRunner, PullRunner
 from .registry import NodeRegistry
+from .schedule import CHECK_INTERVAL, Scheduler
 from .store import OperationStore
 from .sync import SyncNode, SyncRunner, collect
-
-if TYPE_CHECKING:
-    from ..services import Services
 
 log = logging.getLogger("llm_proxy.fleet")
 
 _DELETE_WAIT = 30.0  # seconds a DELETE /admin/models request waits for its deletions
+_EXPIRE_INTERVAL = 2.0  # seconds between looks for operations whose runner is gone
+
+
+@dataclass
+class FleetParts:
+    """What the admin side works with, and nothing more."""
+
+    config: Config
+    catalog: Catalog
+    resolver: Resolver
+    nodes: NodeTable
+    store: FleetStore
+    feed: ChangeFeed
+    history: Any = None  # proxy.history.History; None: admin actions are not recorded
+    sealer: Sealer | None = None
 
 
 class Fleet:
-    def __init__(self, services: Services) -> None:
-        self.services = services
-        config = services.config
-        db = services.db
-        self.audit = Audit(getattr(services, "history", None))
-        self.registry = NodeRegistry(services, NodeStore(db, services.sealer))
-        self.aliases = AliasOverrides(db, services.resolver)
-        self.manager = OperationManager(config.pulls, OperationStore(db), self.audit)
+    def __init__(self, parts: FleetParts) -> None:
+        self.parts = parts
+        config = parts.config
+        self.store, self.feed = parts.store, parts.feed
+        self.audit = Audit(parts.history)
+        self.registry = NodeRegistry(parts, NodeStore(self.store, parts.sealer))
+        self.aliases = AliasOverrides(self.store, parts.resolver)
+        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit)
         self.activator = Activator(self)
         self.manager.register("pull", self._after(PullRunner(self.registry, config.pulls)))
         self.manager.register("delete", self._after(DeleteRunner(self.registry)))
         self.manager.register("activate", self.activator)
         self.manager.register("sync", SyncRunner(self.sync_nodes, config.distribution.manifest_path))
         self._background: set[asyncio.Task] = set()
+        self.scheduler = None
+        if config.distribution.schedule:
+            self.scheduler = Scheduler(config.distribution.schedule, self.store, self._scheduled_sync)
+            self.feed.every(CHECK_INTERVAL, self.scheduler.tick)
+        self.feed.on(NODES, self._theirs(self._nodes_changed))
+        self.feed.on(DRAIN, self._theirs(self.registry.apply_drain))
+        self.feed.on(ALIAS, self._theirs(self._alias_changed))
+        self.feed.on(OPERATION, self.manager.apply_change)
+        self.feed.on(CANCEL, self.manager.apply_cancel)
+        self.feed.every(_EXPIRE_INTERVAL, self.manager.expire)
+
+    def _theirs(self, handler):
+        """Only changes made by another process: this one applied its own when it made them."""
+        return lambda change: None if change.origin == self.store.instance else handler(change)
+
+    async def _nodes_changed(self, change: Change) -> None:
+        if await self.registry.reload(change):
+            self._spawn(self.parts.catalog.refresh())  # what the new node serves, before anyone asks
+
+    async def _alias_changed(self, change: Change) -> None:
+        if await self.aliases.apply():
+            # The new target may have been pulled a moment ago, by another process.
+            self._spawn(self.parts.catalog.refresh_if_stale())
 
     async def start(self) -> None:
+        await self.feed.begin()  # first: a change made while we load is applied again, never missed
         await self.registry.load()
         await self.aliases.apply()
         await self.manager.start()
+
+    async def catch_up(self) -> None:
+        """Apply what other processes changed and this one has not read yet (before an admin read)."""
+        await self.feed.poll()
+
+    async def settle(self) -> None:
+        """Write this process's pending operation changes, so other processes see them (before a 202)."""
+        await self.manager.flush()
+
+    async def _scheduled_sync(self) -> None:
+        async def run() -> None:
+            try:
+                answer = await self.sync(dry_run=False, skip_existing=False, no_download=False, manifest_path=None)
+                log.info("scheduled sync: %d planned pull(s), operation %s", len(answer["operations"]),
+                         answer["operation"]["id"])  # fmt: skip
+            except Exception:
+                log.exception("the scheduled sync failed")
+
+        self._spawn(run())  # in the background: collecting what nodes hold must not hold up the feed
 
     async def close(self) -> None:
         try:
@@ -74,7 +144,7 @@ class Fleet:
 
         async def run(op: Operation, manager: OperationManager) -> None:
             await runner(op, manager)
-            self._spawn(self.services.catalog.refresh())
+            self._spawn(self.parts.catalog.refresh())
 
         return run
 
@@ -87,16 +157,16 @@ class Fleet:
 
     def ollama_nodes(self) -> dict[str, float | None]:
         """Ollama node name -> gpu_memory_gb."""
-        return {n: b.config.gpu_memory_gb for n, b in self.services.catalog.backends.items()
+        return {n: b.config.gpu_memory_gb for n, b in self.parts.catalog.backends.items()
                 if b.config.kind == "ollama"}  # fmt: skip
 
     async def register_node(self, spec: dict) -> tuple[BackendConfig, list[Operation]]:
         config = await self.registry.register(spec)
-        self._spawn(self.services.catalog.refresh())
+        self._spawn(self.parts.catalog.refresh())
         ops = []
         if config.kind == "ollama":
             # Automatic distribution: the node's tier models, as scheduled pulls (inside pulls.window).
-            for model in tier_models(self.services.config.distribution.tiers, config.gpu_memory_gb):
+            for model in tier_models(self.parts.config.distribution.tiers, config.gpu_memory_gb):
                 ops.append(self.submit_pull(config.name, model, scheduled=True))
         self.audit.action("register_node", node=config.name, http_status=201)
         return config, ops
@@ -106,13 +176,13 @@ class Fleet:
         if self.registry.source(name) == "registered":
             for op in self.manager.list(node=name, limit=10_000):
                 if op.active:
-                    self.manager.cancel(op.id)
+                    await self.manager.cancel(op.id)
         outcome = await self.registry.remove(name, timeout=timeout, force=force)
         self.audit.action("remove_node", node=name)
         return outcome
 
-    def drain_node(self, name: str, draining: bool) -> None:
-        self.registry.drain(name, draining)
+    async def drain_node(self, name: str, draining: bool) -> None:
+        await self.registry.set_drain(name, draining)
         self.audit.action("drain" if draining else "resume", node=name)
 
     # --- pulls and deletes ----------------------------------------------------------------------
@@ -131,7 +201,7 @@ class Fleet:
         if nodes == "all":
             targets = list(ollama)
         elif nodes == "auto":
-            targets = auto_nodes(self.services.config.distribution.tiers, ollama, model)
+            targets = auto_nodes(self.parts.config.distribution.tiers, ollama, model)
             if not targets:
                 raise Conflict(f"No node's tier lists {model!r} (distribution.tiers), so \"auto\" picks no node; "
                                "name the nodes instead", param="nodes")  # fmt: skip
@@ -170,7 +240,7 @@ class Fleet:
 
     def _aliases_using(self, model: str, nodes: list[str]) -> list[str]:
         out = []
-        for alias in self.services.resolver.alias_models():
+        for alias in self.parts.resolver.alias_models():
             if normalize(alias.target) != normalize(model):
                 continue
             on = [n for n in nodes if not alias.backends or n in alias.backends]
@@ -182,7 +252,7 @@ class Fleet:
 
     def sync_nodes(self) -> list[SyncNode]:
         nodes = []
-        for name, backend in self.services.catalog.backends.items():
+        for name, backend in self.parts.catalog.backends.items():
             config = backend.config
             admin = self.registry.ollama(name) if config.kind == "ollama" else None
             nodes.append(SyncNode(name, config.kind, config.url, config.gpu_memory_gb, admin, backend))
@@ -195,7 +265,7 @@ class Fleet:
         (its database lives in the same state directory)."""
         # abspath and normpath, not resolve(): pure string work, no disk access on the event loop.
         configured = Path(
-            os.path.normpath(os.path.abspath(os.path.expanduser(self.services.config.distribution.manifest_path)))
+            os.path.normpath(os.path.abspath(os.path.expanduser(self.parts.config.distribution.manifest_path)))
         )
         path = Path(os.path.expanduser(requested))
         path = Path(os.path.normpath(configured.parent / path if not path.is_absolute() else path))
@@ -207,7 +277,7 @@ class Fleet:
     async def sync(self, *, dry_run: bool, skip_existing: bool, no_download: bool,
                    manifest_path: str | None) -> dict:  # fmt: skip
         states = await collect(self.sync_nodes())
-        plan = plan_sync(self.services.config.distribution, states, skip_existing=skip_existing)
+        plan = plan_sync(self.parts.config.distribution, states, skip_existing=skip_existing)
         answer = {"dry_run": dry_run, "plan": [p.as_dict() for p in plan],
                   "nodes": [{"node": s.name, "kind": s.kind, "reachable": s.reachable, "error": s.error,
                              "installed": sorted(m["model"] for m in s.models)} for s in states]}  # fmt: skip

@@ -10,6 +10,12 @@ progress lines never wait for the disk), subscribers (SSE), and the history.
 
 Shutdown cancels what is running; those operations become ``interrupted``
 (not ``cancelled``: nobody asked), and can be retried after the restart.
+
+Other proxy processes share the operations through the store (:mod:`proxy.store`):
+this manager holds a copy of every operation, its own and theirs; their changes
+arrive through the change feed (:meth:`apply_change`), and a cancel for an
+operation another process runs is sent there (:meth:`cancel`). The pull limits
+are leases in the store, so they hold across processes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, ProxyError
 from ..storage.background import WriteBehind
 from .audit import Audit
 from .model import KINDS, RETRYABLE, STATES, Operation
+from ..store.base import LEASE_SECONDS, Change
 from .store import INTERRUPTED, OperationStore
 
 log = logging.getLogger("llm_proxy.operations")
@@ -32,7 +39,8 @@ log = logging.getLogger("llm_proxy.operations")
 Runner = Callable[[Operation, "OperationManager"], Awaitable[None]]
 
 PUSH_INTERVAL = 0.5  # seconds between progress-only events to subscribers (status changes go at once)
-SAVE_INTERVAL = 2.0  # seconds between progress-only writes of one operation
+SAVE_INTERVAL = 0.5  # seconds between progress-only writes of one operation (what other processes see)
+_LEASE_RETRY = 0.25  # seconds between attempts at a pull slot another process holds
 _QUEUE_LIMIT = 256  # events buffered for a slow subscriber before the oldest are dropped
 
 
@@ -71,6 +79,42 @@ class OperationManager:
             for op in await self.store.load():
                 self.ops[op.id] = op
             self._writer.start()
+
+    # --- what other processes do ----------------------------------------------------------------
+
+    async def apply_change(self, change: Change) -> None:
+        """An operation's row changed in another process: take its state into our copy."""
+        if change.origin == self.store.instance or change.key in self._tasks:
+            return
+        fresh = await self.store.load_one(change.key)
+        if fresh is None:
+            return
+        self._take(fresh)
+
+    def _take(self, fresh: Operation) -> None:
+        op = self.ops.get(fresh.id)
+        if op is None:
+            self.ops[fresh.id] = op = fresh
+        else:
+            op.__dict__.update(fresh.__dict__)  # in place: SSE streams and waiters hold this object
+        self._push(op)
+
+    def apply_cancel(self, change: Change) -> None:
+        """Another process was asked to cancel an operation that runs here."""
+        if change.key in self._tasks:
+            self._cancel_task(change.key)
+
+    async def expire(self) -> None:
+        """Operations whose runner's lease lapsed become interrupted (in the store, then here)."""
+        for op_id in await self.store.expire():
+            fresh = await self.store.load_one(op_id)
+            if fresh is not None:
+                self._take(fresh)
+
+    async def flush(self) -> None:
+        """Write what is pending now (other processes read operations from the store)."""
+        if self._writer is not None:
+            await self._writer.drain()
 
     async def close(self) -> None:
         self._closing = True
@@ -119,25 +163,39 @@ class OperationManager:
                 return op
         return None
 
-    def cancel(self, op_id: str) -> Operation:
+    async def cancel(self, op_id: str) -> Operation:
+        """Cancel here, or ask the process that runs it (which notices within a second)."""
         op = self.get(op_id)
-        task = self._tasks.get(op_id)
         if not op.active:
             raise Conflict(f"Operation {op_id} is {op.state}; only queued or running operations can be cancelled")
-        if task is None:
-            raise Conflict(f"Operation {op_id} runs in another proxy process (serve --workers); cancel it there")
-        task.cancel()
-        for child in op.params.get("children", ()):
-            if child in self._tasks:
-                self._tasks[child].cancel()
+        if op_id in self._tasks:
+            self._cancel_task(op_id)
+        elif self.store is not None:
+            await self.store.request_cancel([op_id, *op.params.get("children", ())])
+        else:
+            raise Conflict(f"Operation {op_id} is not running in this process")
         return op
 
-    def retry(self, op_id: str) -> Operation:
+    def _cancel_task(self, op_id: str) -> None:
+        self._tasks[op_id].cancel()
+        for child in self.ops[op_id].params.get("children", ()):
+            if child in self._tasks:
+                self._tasks[child].cancel()
+
+    async def retry(self, op_id: str) -> Operation:
         op = self.get(op_id)
         if op.state not in RETRYABLE:
             raise Conflict(
                 f"Operation {op_id} is {op.state}; only failed, cancelled or interrupted ones can be retried"
             )
+        if self._writer is not None:
+            await self._writer.drain()  # the store must know how it ended before it can be claimed
+        if self.store is not None and not await self.store.claim(op_id):
+            # Another process retried it first: it runs there; show what it is now.
+            fresh = await self.store.load_one(op_id)
+            if fresh is not None:
+                self._take(fresh)
+            raise Conflict(f"Operation {op_id} was retried already (it is {op.state} now)")
         op.state, op.status, op.error, op.finished_at = "queued", "queued", None, None
         op.speed = op.eta_seconds = None
         op.attempts = 0
@@ -147,9 +205,12 @@ class OperationManager:
         """Until the operation ends (at once if it already has)."""
         op = self.get(op_id)
         event = self._finished.get(op_id)
-        if event is not None and op.active:
+        if op.active:
             async with asyncio.timeout(timeout):
-                await event.wait()
+                if event is not None:
+                    await event.wait()
+                while op.active:  # run by another process: its changes arrive through the feed
+                    await asyncio.sleep(0.1)
         return op
 
     # --- what runners call ----------------------------------------------------------------------
@@ -166,25 +227,58 @@ class OperationManager:
 
     @contextlib.asynccontextmanager
     async def node_slot(self, op: Operation, node: str) -> AsyncIterator[None]:
-        """One pull at a time on a node."""
+        """One pull at a time on a node (in the whole fleet: a lease in the store)."""
         lock = self._node_locks.setdefault(node, asyncio.Lock())
+        waiting = f"waiting for another pull on {node} to finish"
         if lock.locked():
-            self.say(op, f"waiting for another pull on {node} to finish")
+            self.say(op, waiting)
         async with lock:
-            yield
+            lease = await self._lease(op, [f"pull-node:{node}"], waiting)
+            try:
+                yield
+            finally:
+                await self._release(lease)
 
     @contextlib.asynccontextmanager
     async def pull_slot(self, op: Operation) -> AsyncIterator[None]:
         """At most ``pulls.max_parallel`` pulls at once, across all nodes."""
+        waiting = f"waiting for a free pull slot ({self.pulls.max_parallel} pulls at once)"
         if self._slots.locked():
-            self.say(op, f"waiting for a free pull slot ({self.pulls.max_parallel} pulls at once)")
+            self.say(op, waiting)
         async with self._slots:
-            self.pulls_running += 1
-            self.pulls_running_max = max(self.pulls_running_max, self.pulls_running)
+            lease = await self._lease(op, [f"pull-slot:{i}" for i in range(self.pulls.max_parallel)], waiting)
             try:
-                yield
+                async with self._counted():
+                    yield
             finally:
-                self.pulls_running -= 1
+                await self._release(lease)
+
+    async def _lease(self, op: Operation, names: list[str], waiting: str) -> str | None:
+        """The first of ``names`` free in the store, waiting while other processes hold them all."""
+        if self.store is None:
+            return None
+        while True:
+            for name in names:
+                if await self.store.fleet.acquire(name, until=time.time() + LEASE_SECONDS):
+                    return name
+            self.say(op, waiting)
+            await asyncio.sleep(_LEASE_RETRY)
+
+    async def _release(self, name: str | None) -> None:
+        if name is not None:
+            try:
+                await asyncio.shield(self.store.fleet.release(name))
+            except Exception:  # it lapses on its own
+                log.warning("could not release the lease %s; it lapses in %gs", name, LEASE_SECONDS)
+
+    @contextlib.asynccontextmanager
+    async def _counted(self) -> AsyncIterator[None]:
+        self.pulls_running += 1
+        self.pulls_running_max = max(self.pulls_running_max, self.pulls_running)
+        try:
+            yield
+        finally:
+            self.pulls_running -= 1
 
     def changed(self, op: Operation, important: bool = False) -> None:
         """Tell subscribers and schedule a write: at once when ``important``, else throttled."""
@@ -208,9 +302,7 @@ class OperationManager:
         try:
             self._aggregate(op, children)
             for child in children:
-                event = self._finished.get(child.id)
-                if child.active and event is not None:
-                    await event.wait()
+                await self.wait(child.id)
             self._aggregate(op, children)
             return children
         finally:

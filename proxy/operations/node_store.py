@@ -1,4 +1,4 @@
-"""Nodes registered at run time, as the ``nodes`` table keeps them: the one place that reads and writes it.
+"""Nodes registered at run time, as the fleet store keeps them: the one place that reads and writes them.
 
 A registration is checked like a ``backends:`` entry of the config file. Its
 text is literal (``$`` means ``$``: registration data is not config text, and
@@ -18,15 +18,14 @@ import dataclasses
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping
 
 import orjson
 
 from ..config import BackendConfig, ConfigError, parse_config
-from ..errors import InvalidRequest
-from ..storage import Database
+from ..errors import Conflict, InvalidRequest
 from ..storage.sealed import Sealer, SealError
+from ..store.base import FleetStore
 
 log = logging.getLogger("llm_proxy.nodes")
 
@@ -55,8 +54,8 @@ def _parse(spec: dict, source: str) -> BackendConfig:
 
 
 class NodeStore:
-    def __init__(self, db: Database, sealer: Sealer, env: Mapping[str, str] | None = None) -> None:
-        self.db = db
+    def __init__(self, store: FleetStore, sealer: Sealer, env: Mapping[str, str] | None = None) -> None:
+        self.store = store
         self.sealer = sealer
         self.env = os.environ if env is None else env
 
@@ -92,20 +91,18 @@ class NodeStore:
         spec = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "api_key"}
         if kept_key:
             spec["api_key"] = kept_key
-        await self.db.execute(
-            "INSERT INTO nodes (name, kind, url, spec, created_at) VALUES (?, ?, ?, ?, ?)",
-            (config.name, config.kind, config.url, orjson.dumps(spec).decode(), time.time()),
-        )
+        if not await self.store.add_node(config.name, config.kind, config.url, orjson.dumps(spec).decode()):
+            raise Conflict(f"A node called {config.name!r} exists already", param="name")
 
     async def remove(self, name: str) -> None:
-        await self.db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        await self.store.remove_node(name)
 
     # --- restoring ------------------------------------------------------------------------------
 
     async def load(self) -> list[BackendConfig]:
         """Every stored node, oldest first; one that cannot be restored is logged and left out."""
         out = []
-        for name, raw in await self.db.fetchall("SELECT name, spec FROM nodes ORDER BY created_at"):
+        for name, raw in await self.store.node_rows():
             try:
                 out.append(await self._restore(name, raw))
             except (InvalidRequest, SealError, orjson.JSONDecodeError, TypeError) as exc:
@@ -127,8 +124,7 @@ class NodeStore:
             spec["api_key"] = kept
         config = _parse(spec, f"nodes.{name}")
         if isinstance(kept, str):
-            await self.db.execute("UPDATE nodes SET spec = ? WHERE name = ?",
-                                  (self._respec(spec, {"sealed": self.sealer.seal(kept)}), name))  # fmt: skip
+            await self.store.update_node_spec(name, self._respec(spec, {"sealed": self.sealer.seal(kept)}))
             log.info("registered node %s: its api_key is now stored encrypted", name)
         return config
 

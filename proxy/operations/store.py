@@ -1,93 +1,86 @@
-"""Operations in SQLite (table ``model_operations``, migration 2): they and their outcome survive a restart.
+"""Operations kept in the fleet store (:mod:`proxy.store`): they and their outcome survive a restart,
+and every proxy process sees them.
 
-Each row records the process that ran it (host, pid and a per-start instance
-token). At start-up, rows still ``queued`` or ``running`` that belonged to a
-process that is gone become ``interrupted``, and can be retried. Another live
-worker's rows on this host are left alone.
+Each row records the process that runs it and a lease it renews while it lives
+(:data:`proxy.store.base.LEASE_SECONDS`). When the lease lapses (the process was
+killed), any process marks the operation ``interrupted``; it can be retried from
+any process, which then runs it (one runner: the retry claims the row in the
+store first). At start-up, active rows of a process on this host that is gone are
+marked at once, without waiting for their lease.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import socket
 import time
 from collections.abc import Iterable
 
 import orjson
 
-from ..storage import Database
 from ..storage.background import pid_alive
-from .model import Operation
+from ..store.base import LEASE_SECONDS, FleetStore
+from .model import RETRYABLE, Operation
 
 log = logging.getLogger("llm_proxy.operations")
 
 INTERRUPTED = "the proxy stopped before this operation finished; retry it with POST /admin/operations/{id}/retry"
 RETENTION_DAYS = 30.0  # finished operations older than this are deleted at start-up
 
-_COLUMNS = ("id", "kind", "node", "model", "params", "state", "status", "completed", "total", "fraction",
-            "speed", "eta_seconds", "error", "attempts", "result", "created_at", "started_at", "finished_at")  # fmt: skip
-_UPSERT = (
-    f"INSERT INTO model_operations ({', '.join(_COLUMNS)}, instance, host, pid) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 3))}) "
-    "ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in (*_COLUMNS[1:], "instance", "host", "pid"))
-)
+
+def to_row(op: Operation) -> dict:
+    return {"id": op.id, "kind": op.kind, "node": op.node, "model": op.model,
+            "params": orjson.dumps(op.params).decode(), "state": op.state, "status": op.status,
+            "completed": op.completed, "total": op.total, "fraction": op.fraction, "speed": op.speed,
+            "eta_seconds": op.eta_seconds, "error": op.error, "attempts": op.attempts,
+            "result": orjson.dumps(op.result).decode() if op.result is not None else None,
+            "created_at": op.created_at, "started_at": op.started_at, "finished_at": op.finished_at}  # fmt: skip
+
+
+def from_row(row: dict) -> Operation:
+    data = dict(row)
+    data["params"] = orjson.loads(data["params"] or "{}")
+    data["result"] = orjson.loads(data["result"]) if data["result"] else None
+    return Operation(**data)
 
 
 class OperationStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self.instance = secrets.token_hex(8)
+    def __init__(self, store: FleetStore) -> None:
+        self.fleet = store
         self.host = socket.gethostname()
-        self.pid = os.getpid()
 
-    def _row(self, op: Operation) -> tuple:
-        params = orjson.dumps(op.params).decode()
-        result = orjson.dumps(op.result).decode() if op.result is not None else None
-        return (op.id, op.kind, op.node, op.model, params, op.state, op.status, op.completed, op.total,
-                op.fraction, op.speed, op.eta_seconds, op.error, op.attempts, result, op.created_at,
-                op.started_at, op.finished_at, self.instance, self.host, self.pid)  # fmt: skip
+    @property
+    def instance(self) -> str:
+        return self.fleet.instance
 
     async def save(self, ops: Iterable[Operation]) -> None:
-        rows = [self._row(op) for op in ops]
-        if rows:
-            async with self.db.transaction() as db:
-                await db.executemany(_UPSERT, rows)
+        await self.fleet.save_operations([to_row(op) for op in ops], lease_until=time.time() + LEASE_SECONDS)
 
     async def recover(self) -> int:
-        """Mark rows of processes that are gone ``interrupted``; returns how many."""
-        rows = await self.db.fetchall(
-            "SELECT id, host, pid, instance FROM model_operations WHERE state IN ('queued', 'running')"
-        )
-        # Same pid, other instance: an earlier proxy in this very process (tests start several).
-        dead = [
-            op_id
-            for op_id, host, pid, instance in rows
-            if instance != self.instance and host == self.host and (pid == self.pid or not pid_alive(pid))
-        ]
-        if dead:
-            async with self.db.transaction() as db:
-                await db.executemany(
-                    "UPDATE model_operations SET state = 'interrupted', error = ?, status = 'interrupted', "
-                    "speed = NULL, eta_seconds = NULL, finished_at = ? WHERE id = ?",
-                    [(INTERRUPTED.replace("{id}", op_id), time.time(), op_id) for op_id in dead],
-                )
-            log.info("%d operation(s) of a stopped proxy marked interrupted", len(dead))
-        return len(dead)
+        """Mark rows of processes on this host that are gone ``interrupted``; returns how many."""
+        count = await self.fleet.interrupt_local_dead(self.host, pid_alive, INTERRUPTED)
+        if count:
+            log.info("%d operation(s) of a stopped proxy marked interrupted", count)
+        return count
+
+    async def expire(self) -> list[str]:
+        """Mark operations whose runner stopped renewing its lease ``interrupted``; returns their ids."""
+        ids = await self.fleet.interrupt_expired(time.time(), INTERRUPTED)
+        if ids:
+            log.warning("%d operation(s) lost their runner (its process is gone): marked interrupted: %s",
+                        len(ids), ", ".join(ids))  # fmt: skip
+        return ids
 
     async def load(self) -> list[Operation]:
         """Every stored operation of the last RETENTION_DAYS, oldest first (older finished ones are deleted)."""
-        cutoff = time.time() - RETENTION_DAYS * 86400
-        await self.db.execute(
-            "DELETE FROM model_operations WHERE created_at < ? AND state NOT IN ('queued', 'running')", (cutoff,)
-        )
-        rows = await self.db.fetchall(f"SELECT {', '.join(_COLUMNS)} FROM model_operations ORDER BY created_at")
-        ops = []
-        for row in rows:
-            data = dict(zip(_COLUMNS, row))
-            data["params"] = orjson.loads(data["params"] or "{}")
-            data["result"] = orjson.loads(data["result"]) if data["result"] else None
-            ops.append(Operation(**data))
-        return ops
+        return [from_row(r) for r in await self.fleet.load_operations(time.time() - RETENTION_DAYS * 86400)]
+
+    async def load_one(self, op_id: str) -> Operation | None:
+        row = await self.fleet.load_operation(op_id)
+        return from_row(row) if row else None
+
+    async def claim(self, op_id: str) -> bool:
+        return await self.fleet.claim_operation(op_id, RETRYABLE, lease_until=time.time() + LEASE_SECONDS)
+
+    async def request_cancel(self, op_ids: list[str]) -> None:
+        await self.fleet.request_cancel(op_ids)

@@ -109,7 +109,7 @@ class SyncRunner:
         children = op.params.get("children", [])
         for child in children:  # a retried sync retries the pulls that did not make it
             if manager.get(child).state in RETRYABLE:
-                manager.retry(child)
+                await manager.retry(child)
         manager.begin(op, f"waiting for {len(children)} pull(s)" if children else "collecting installed models")
         done = await manager.follow(op, children)
         failed = [f"{c.node}: {c.model}: {c.error or c.state}" for c in done if c.state != "succeeded"]

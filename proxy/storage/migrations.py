@@ -149,9 +149,43 @@ CREATE TABLE alias_overrides (
 );
 """
 
+_V3 = """
+-- Shared fleet state (proxy/store): what one process changes, the others apply.
+-- Every change to nodes, drains, aliases, operations or health adds a row here; each process
+-- reads the rows after the last seq it saw, about twice a second. Old rows are pruned.
+CREATE TABLE fleet_changes (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic  TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    data   TEXT,
+    origin TEXT NOT NULL,
+    at     REAL NOT NULL
+);
+CREATE INDEX fleet_changes_at ON fleet_changes (at);
+
+-- A drained node stays drained across restarts, in every process.
+CREATE TABLE node_drains (
+    name       TEXT PRIMARY KEY,
+    updated_at REAL NOT NULL
+);
+
+-- Named leases: the pull slots (per node, and pulls.max_parallel in all), scheduled runs.
+-- A holder renews its leases while it lives; an expired one is free for the taking.
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+
+-- The runner of a queued or running operation renews this; once it lapses, the runner is gone
+-- and the operation becomes interrupted.
+ALTER TABLE model_operations ADD COLUMN lease_until REAL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     (1, _V1),
     (2, _V2),
+    (3, _V3),
 )  # fmt: skip
 
 
