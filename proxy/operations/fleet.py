@@ -27,11 +27,11 @@ from typing import Any
 from ..backends.ollama import normalize
 from ..catalog import Catalog
 from ..config import BackendConfig, Config
+from ..errors import Conflict, InvalidRequest
 from ..node_table import NodeTable
 from ..resolve import Resolver
 from ..storage.sealed import Sealer
 from ..store import ChangeFeed, FleetStore
-from ..errors import Conflict, InvalidRequest
 from ..store.base import ALIAS, CANCEL, DRAIN, NODES, OPERATION, Change
 from .activate import Activator
 from .aliases import AliasOverrides

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from ..config import PullConfig
 from ..errors import Conflict, InvalidRequest, NotFound, ProxyError
 from ..storage.background import WriteBehind
+from ..store.base import LEASE_SECONDS, Change
 from .audit import Audit
 from .model import KINDS, RETRYABLE, STATES, Operation
-from ..store.base import LEASE_SECONDS, Change
 from .store import INTERRUPTED, OperationStore
 
 log = logging.getLogger("llm_proxy.operations")
