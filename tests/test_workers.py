@@ -157,7 +157,8 @@ def test_an_activation_applies_in_every_worker(fleet):
     answer = fresh(fleet, "POST", "/admin/models/activate", json={"alias": "chat", "model": "qwen3:4b"})
     assert answer.status_code == 202, answer.text
     assert wait_op(fleet, answer.json()["id"])["state"] == "succeeded"
-    assert wait_for(lambda: all(chat(fleet, "chat").headers.get("x-proxy-model") == "qwen3:4b" for _ in range(4)), 5)
+    # Ten in a row, so both workers (each reached by about half of the fresh connections) have applied it.
+    assert wait_for(lambda: all(chat(fleet, "chat").headers.get("x-proxy-model") == "qwen3:4b" for _ in range(10)), 15)
     assert sum(chat(fleet, "chat").headers.get("x-proxy-model") == "qwen3:4b" for _ in range(N)) == N
 
 
@@ -275,7 +276,7 @@ def test_a_dead_node_costs_one_failed_attempt_in_the_whole_fleet(fleet, sims):
         return all(s["state"] == "offline" and s["cooldown_seconds"] > 0 for s in states)
 
     # The other worker never tried flaky, yet shows it in cooldown: it learned it from the store.
-    assert wait_for(offline_everywhere, 5)
+    assert wait_for(offline_everywhere, 15)  # about a second when the machine is idle
     answers = [chat(fleet, "pair") for _ in range(N)]
     assert sum(r.status_code == 200 and r.headers["x-proxy-backend"] == "n1" for r in answers) == N
 
