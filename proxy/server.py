@@ -26,7 +26,7 @@ import socket
 from typing import Any
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from .config import Config
 from .errors import RequestTimeout
@@ -54,6 +54,75 @@ def _timeout_response(message: str, default_headers: list[tuple[bytes, bytes]]) 
         b"connection: close\r\n\r\n",
     ]
     return b"".join(head) + body
+
+
+class _Held:
+    """Stands in for the transport while uvicorn renders a response head, keeping the bytes."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+
+class _Prefixed:
+    """The real transport, with the held head written in front of the next write (one ``write()``)."""
+
+    __slots__ = ("transport", "head")
+
+    def __init__(self, transport: asyncio.Transport, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(self.head + data)
+
+    def __getattr__(self, name: str) -> Any:  # close(), is_closing(): the real transport's
+        return getattr(self.transport, name)
+
+
+def _sized(message) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, writing a response's head together with its first body part.
+
+    uvicorn writes the head as soon as the app sends ``http.response.start``: two ``write()``
+    calls per answer, and on a loopback or LAN client two wake-ups. Here the head of an answer
+    with a ``content-length`` (its whole body is ready: it follows at once) waits for the
+    ``http.response.body`` and goes out in the same write. A streamed answer's head is written
+    at once as before: its first part may take a while, and the client should see the status
+    meanwhile. Everything else (validation of headers, framing, keep-alive, completion) is
+    uvicorn's own code, run unchanged on the held bytes.
+    """
+
+    _held: bytes | None = None
+
+    async def send(self, message) -> None:
+        if not self.response_started and message["type"] == "http.response.start" and _sized(message):
+            transport, held = self.transport, _Held()
+            self.transport = held  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            self._held = b"".join(held.parts)
+            return
+        head = self._held
+        if head is None:
+            await super().send(message)
+            return
+        self._held = None
+        transport = self.transport
+        self.transport = _Prefixed(transport, head)  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
 
 
 class TimedHttpProtocol(HttpToolsProtocol):
@@ -143,6 +212,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._phase = _NONE
         super().on_message_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.__class__ = OneWriteCycle  # created by uvicorn's on_headers_complete; not started yet
+        super()._start_asgi_task(cycle, app)
 
 
 # --- the listening socket -----------------------------------------------------------------------
