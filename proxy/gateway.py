@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import usage, validate
@@ -29,7 +28,7 @@ from .errors import ClientGone, InvalidRequest, ModelNotFound, ProxyError, Templ
 from .exchange import Exchange
 from .history import History
 from .metrics import Metrics
-from .middleware import bearer_token
+from .middleware import bearer_token, header
 from .resolve import Candidate, Resolver, Route
 from .routing import Operation, Outcome, Router
 from .streaming import DisconnectWatch, SSEResponse, read_json
@@ -64,11 +63,11 @@ def _proxy_headers(outcome: Outcome) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-def _task_type(request: Request, body: dict) -> str | None:
+def _task_type(scope, body: dict) -> str | None:
     """The task from the X-Task-Type header, else the body's task_type (taken out: no backend knows it)."""
     task = body.pop("task_type", None)
-    header = request.headers.get("x-task-type")
-    task = header if header else task
+    named = header(scope, b"x-task-type")
+    task = named if named else task
     if task is not None and not isinstance(task, str):
         raise InvalidRequest("Invalid type for 'task_type': expected a string.", param="task_type")
     return task or None
@@ -103,19 +102,21 @@ class Gateway:
     # Per OpenAI-compatible backend: did its last complete stream carry usage? (X-Proxy-Usage)
     usage_sources: dict[str, bool] = field(default_factory=dict)
 
-    async def generate(self, request: Request, operation: Operation,
+    async def generate(self, scope, receive, operation: Operation,
                        ingress: Ingress | None = None) -> Response | SSEResponse:  # fmt: skip
-        """One request; ``ingress`` translates another client API (Anthropic) to and from OpenAI's.
+        """One request, from its ASGI ``scope`` and ``receive``; ``ingress`` translates another client
+        API (Anthropic) to and from OpenAI's.
 
         Without one (the OpenAI endpoints) nothing is translated and nothing extra runs.
         """
         if ingress is None:
-            exchange = Exchange(self.history, self.metrics, operation, bearer_token(request.scope))
+            exchange = Exchange(self.history, self.metrics, operation, bearer_token(scope))
         else:  # an endpoint path passes through Exchange's operation -> endpoint map as itself
-            exchange = Exchange(self.history, self.metrics, ingress.endpoint, ingress.key(request.scope))
-        request.state.request_id = exchange.id  # for UnexpectedErrors' log line and its 500
+            exchange = Exchange(self.history, self.metrics, ingress.endpoint, ingress.key(scope))
+        # For UnexpectedErrors' log line and its 500 (scope["state"] is what Starlette's request.state reads).
+        scope.setdefault("state", {})["request_id"] = exchange.id
         try:
-            return await self._generate(request, operation, exchange, ingress)
+            return await self._generate(scope, receive, operation, exchange, ingress)
         except ProxyError as exc:
             exc.headers = {**(exc.headers or {}), "x-request-id": exchange.id}
             exchange.close("cancelled" if isinstance(exc, ClientGone) else "error", exc.status, exc)
@@ -124,19 +125,19 @@ class Gateway:
             exchange.close("cancelled" if isinstance(exc, asyncio.CancelledError) else "error", 500, "internal error")
             raise
 
-    async def _generate(self, request: Request, operation: Operation, exchange: Exchange,
+    async def _generate(self, scope, receive, operation: Operation, exchange: Exchange,
                         ingress: Ingress | None) -> Response | SSEResponse:  # fmt: skip
-        body = await read_json(request.receive, request.scope["headers"], self.config.server.max_body_bytes)
+        body = await read_json(receive, scope["headers"], self.config.server.max_body_bytes)
         if ingress is not None:
             body = ingress.request(body)  # from here on the chain sees an OpenAI body: same cache keys
         _VALIDATORS[operation](body)
         exchange.started(body)
-        task = _task_type(request, body)
+        task = _task_type(scope, body)
         route = await self.resolver.resolve(body["model"], operation, body, task)
         exchange.model = route.public
-        cache_control = request.headers.get("cache-control")
+        cache_control = header(scope, b"cache-control")
         if operation == "embeddings":
-            return await self._embeddings(request, route, body, cache_control, exchange)
+            return await self._embeddings(receive, route, body, cache_control, exchange)
         lookup = self.caching.lookup(operation, route, body, cache_control) if self.caching.enabled else None
         if lookup is not None and lookup.read:
             stored = await self.caching.get(lookup)
@@ -145,7 +146,7 @@ class Gateway:
                 return self._from_cache(stored, operation, route, body, exchange, ingress)
         started = time.perf_counter()
         outcome: Outcome | None = None  # stays None when the client left while we waited
-        with DisconnectWatch(request.receive) as watch:
+        with DisconnectWatch(receive) as watch:
             outcome = await self._dispatch(route, operation, body)
         if outcome is not None:
             exchange.answered(outcome, time.perf_counter() - started)
@@ -217,7 +218,7 @@ class Gateway:
         exchange.close("ok", 200)
         return response
 
-    async def _embeddings(self, request: Request, route: Route, body: dict, cache_control: str | None,
+    async def _embeddings(self, receive, route: Route, body: dict, cache_control: str | None,
                           exchange: Exchange) -> Response:  # fmt: skip
         outcomes: list[Outcome] = []
 
@@ -228,7 +229,7 @@ class Gateway:
             outcomes.append(outcome)
             return outcome.reply, outcome  # type: ignore[return-value]
 
-        with DisconnectWatch(request.receive) as watch:
+        with DisconnectWatch(receive) as watch:
             if self.caching.enabled:
                 answer, outcome, hits = await self.caching.embeddings(route, body, cache_control, fetch)
             else:

@@ -98,6 +98,14 @@ def _header(scope, wanted: bytes) -> bytes | None:
     return None
 
 
+def header(scope, wanted: bytes) -> str | None:
+    """A request header's value as text (ASGI servers give names in lower case), None if absent."""
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return value.decode("latin-1")
+    return None
+
+
 def is_loopback(address: str | None) -> bool:
     """Whether a client address is this machine's loopback, compared as a parsed IP address.
 
