@@ -60,7 +60,8 @@ class OllamaBackend(HTTPBackend):
             return BackendRejected(f"{where} rejected the request: {msg}", param=param)
         return BackendError(f"{where} failed ({exc.status}): {msg}")
 
-    async def _lines(self, path: str, native: dict, target: str) -> AsyncIterator[dict]:
+    async def _lines(self, path: str, native: dict, target: str) -> AsyncIterator[list[dict]]:
+        """The answer's NDJSON lines, in lists (those that arrived together: see ``Upstream.batches``)."""
         try:
             resp = await self.http.post(path, orjson.dumps(native), stream=True)
         except UpstreamStatus as exc:
@@ -68,27 +69,32 @@ class OllamaBackend(HTTPBackend):
         done = False
         # aclosing: a client that leaves must close the upstream connection now, not at GC time,
         # because closing it is what makes Ollama stop generating.
-        async with aclosing(self.http.lines(resp)) as lines:
-            async for line in lines:
-                if "error" in line:  # once streaming has begun, Ollama reports failures in-band
-                    raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
-                yield line
-                if line.get("done"):
-                    # Read on to the end of the body (its last bytes are already here) rather than
-                    # stop: a response read to the end lets the pool reuse the connection.
-                    done = True
+        async with aclosing(self.http.batches(resp)) as batches:
+            async for batch in batches:
+                for i, line in enumerate(batch):
+                    if "error" in line:  # once streaming has begun, Ollama reports failures in-band
+                        if i:
+                            yield batch[:i]  # what came before the failure still reaches the client
+                        raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
+                    if line.get("done"):
+                        # Read on to the end of the body (its last bytes are already here) rather than
+                        # stop: a response read to the end lets the pool reuse the connection.
+                        done = True
+                yield batch
         if not done:
             raise BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
 
-    async def _frames(self, lines: AsyncIterator[dict], translator) -> AsyncIterator[bytes]:
+    async def _frames(self, lines: AsyncIterator[list[dict]], translator) -> AsyncIterator[bytes]:
+        # The events of lines that arrived together go out together: one write to the client, not one each.
         async with aclosing(lines):
-            async for line in lines:
-                yield translator.feed(line)
+            async for batch in lines:
+                yield b"".join([translator.feed(line) for line in batch])
 
-    async def _collect(self, lines: AsyncIterator[dict], aggregate) -> bytes:
+    async def _collect(self, lines: AsyncIterator[list[dict]], aggregate) -> bytes:
         async with aclosing(lines):
-            async for line in lines:
-                aggregate.feed(line)
+            async for batch in lines:
+                for line in batch:
+                    aggregate.feed(line)
         return orjson.dumps(aggregate.result())
 
     async def chat(self, body: dict, target: str) -> Reply:
