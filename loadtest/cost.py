@@ -32,13 +32,21 @@ from .procs import RunError, Service, Sim, free_port, proxy_config
 from .scenarios import reply_of
 
 
+_ONLY = {"history": {"history": {"enabled": True}}, "metrics": {"metrics": {"enabled": True}},
+         "cache": {"cache": {"mode": "always"}}}  # fmt: skip
+
+
 class CountedProxy(Service):
     """The proxy under callgrind, counting nothing until :meth:`count` is entered."""
 
     def __init__(self, sim: Sim, workdir: Path, features: str) -> None:
         port = free_port()
         config_path = workdir / "proxy.yaml"
-        config_path.write_text(yaml.safe_dump(proxy_config(sim, port, workdir / "proxy.db", features), sort_keys=False))
+        if features in _ONLY:  # everything off but one feature, to tell their costs apart
+            config = proxy_config(sim, port, workdir / "proxy.db", "off") | _ONLY[features]
+        else:
+            config = proxy_config(sim, port, workdir / "proxy.db", features)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.out = workdir / "callgrind.out"
         argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
                 sys.executable, "-m", "proxy", "serve", "--config", str(config_path), "--log-level", "warning"]  # fmt: skip
@@ -91,8 +99,9 @@ def _requests(port: int, model: str, kind: str, count: int, start: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--kind", choices=["chat", "stream"], default="chat")
-    p.add_argument("--features", choices=["default", "off", "on"], default="default",
-                   help="as shipped; all off; history + metrics + cache always (see loadtest/procs.py)")  # fmt: skip
+    p.add_argument("--features", choices=["default", "off", "on", *_ONLY], default="default",
+                   help="as shipped; all off; history + metrics + cache always (see loadtest/procs.py); "
+                        "or only history, metrics or cache (always) on")  # fmt: skip
     p.add_argument("--backend", choices=["ollama", "vllm"], default="ollama")
     p.add_argument("--requests", type=int, default=300, help="requests counted")
     p.add_argument("--warmup", type=int, default=100, help="requests before counting starts")
