@@ -222,6 +222,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.users > 500:
+        from loadtest.procs import raise_open_files  # a descriptor per user, whoever started us
+
+        raise_open_files()
     try:
         import uvloop
     except ImportError:  # the default loop works, it only costs the generator more CPU

@@ -24,14 +24,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .procs import ROOT, LoadSpec, Proxy, RunError, Service, Sim, cpu_seconds, peak_rss_bytes, reset_peak_rss, run_load
+from .procs import (ROOT, LoadSpec, Proxy, RunError, Service, Sim, cpu_seconds, peak_rss_bytes, raise_open_files,
+                    reset_peak_rss, run_load)  # fmt: skip
 from .profile import Sampler
 from .report import ScenarioResult, machine, write_csv, write_markdown
 from .scenarios import SCENARIOS, Leg, Limits, Scenario, checks_for, reply_of
 from .stats import CHUNK_ENTRIES, MAIN_ENTRY, RoundResult, compare, summarize
 
-# Proxy labels the scenarios' legs name, and the features each runs with.
-_PROXY_FEATURES = {"proxy": "default", "proxy-off": "off", "proxy-on": "on"}
+# Proxy labels the scenarios' legs name, and the features and worker processes each runs with.
+_PROXIES = {"proxy": ("default", 1), "proxy-off": ("off", 1), "proxy-on": ("on", 1), "proxy-2w": ("default", 2)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +66,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--max-added-p99-ms", type=float, default=Limits.added_p99_ms)
     t.add_argument("--max-added-ttft-ms", type=float, default=Limits.added_ttft_ms)
     t.add_argument("--max-added-stream-ms", type=float, default=Limits.added_stream_ms)
+    t.add_argument("--max-cpu-us", type=float, default=Limits.max_cpu_us_per_req,
+                   help="latency: proxy CPU per request (from /proc)")  # fmt: skip
     t.add_argument("--min-rps", type=float, default=Limits.min_rps, help="saturation: proxy requests/s")
+    t.add_argument("--min-workers-ratio", type=float, default=Limits.min_workers_ratio,
+                   help="workers: requests/s of 2 workers over 1")  # fmt: skip
+    t.add_argument("--max-chunk-cpu-us", type=float, default=Limits.max_chunk_cpu_us,
+                   help="many-streams: proxy CPU per chunk at 1000 streams")  # fmt: skip
+    t.add_argument("--max-many-streams-mb", type=float, default=Limits.max_many_streams_mb,
+                   help="10k-streams: proxy peak memory")  # fmt: skip
     t.add_argument("--min-streams", type=int, default=Limits.min_streams)
     t.add_argument("--max-kb-per-stream", type=float, default=Limits.max_kb_per_stream)
     t.add_argument("--max-chunk-cost-growth", type=float, default=Limits.max_chunk_cost_growth)
@@ -92,7 +101,9 @@ def limits_of(args: argparse.Namespace) -> Limits:
     return Limits(pct=args.threshold, added_p50_ms=args.max_added_p50_ms, added_p99_ms=args.max_added_p99_ms,
                   added_ttft_ms=args.max_added_ttft_ms, added_stream_ms=args.max_added_stream_ms,
                   min_rps=args.min_rps, min_streams=args.min_streams, max_kb_per_stream=args.max_kb_per_stream,
-                  max_chunk_cost_growth=args.max_chunk_cost_growth)  # fmt: skip
+                  max_chunk_cost_growth=args.max_chunk_cost_growth, max_cpu_us_per_req=args.max_cpu_us,
+                  min_workers_ratio=args.min_workers_ratio, max_chunk_cpu_us=args.max_chunk_cpu_us,
+                  max_many_streams_mb=args.max_many_streams_mb)  # fmt: skip
 
 
 class Bench:
@@ -168,7 +179,8 @@ def run(selected: list[Scenario], args: argparse.Namespace, workdir: Path) -> li
         services.append(sim)
         proxies: dict[str, Proxy] = {}
         for label in sorted({leg.target for sc in selected for leg in sc.legs} - {"direct"}):
-            proxies[label] = Proxy(label, sim, workdir, _PROXY_FEATURES[label])
+            features, workers = _PROXIES[label]
+            proxies[label] = Proxy(label, sim, workdir, features, workers)
             services.append(proxies[label])
         bench = Bench(sim, proxies, args.client, workdir, args.profile)
         return [bench.scenario(sc, limits_of(args)) for sc in selected]
@@ -189,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --profile needs py-spy on PATH or next to this Python: pip install py-spy", file=sys.stderr)
             return 2
         args.profile.mkdir(parents=True, exist_ok=True)
+    raise_open_files()  # inherited by the backend, the proxies and the load generators
     started, clock = datetime.now(UTC), time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-parity-"))
     try:

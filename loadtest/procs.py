@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -40,32 +41,88 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- /proc readings
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of a whole process (every thread), in seconds."""
+def _stat(pid: int) -> list[str]:
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (uvicorn's workers under its supervisor)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of a process (every thread) and of its live children, in seconds.
+
+    With ``--workers N`` the proxy is a supervisor and N worker processes; their CPU is what counts.
+    Children that exited are not included: a round reads the workers that served it.
+    """
+    total = 0
+    for each in descendants(pid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = _stat(each)
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the highest resident set size since start or since :func:`reset_peak_rss`."""
+def _peak(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return rss_bytes(pid)
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the highest resident set size since start or since :func:`reset_peak_rss`, summed over
+    the process and its children (each worker's own peak: an upper bound of their peak together)."""
+    total = 0
+    for each in descendants(pid):
+        with contextlib.suppress(OSError):
+            total += _peak(each)
+    return total
+
+
 def reset_peak_rss(pid: int) -> bool:
     """Restart VmHWM from the current RSS, so each round reports its own peak (Linux >= 4.0)."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for each in descendants(pid):
+            Path(f"/proc/{each}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+# Streams held open at once need a descriptor each on the client, two in the proxy (its client's
+# and its backend's) and one in the backend: 10,000 streams outgrow the usual limits (1024, 20000).
+OPEN_FILES = 65536
+
+
+def raise_open_files(wanted: int = OPEN_FILES) -> int:
+    """Raise this process's RLIMIT_NOFILE towards ``wanted`` (the hard limit too, when allowed: root);
+    returns the soft limit now in force. Children inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+        return wanted
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # ----------------------------------------------------------------------------- services
@@ -189,14 +246,16 @@ def proxy_config(sim: Sim, port: int, db_path: Path, features: str) -> dict:
 
 
 class Proxy(Service):
-    """``python -m proxy serve`` with one uvicorn worker, in front of ``sim``."""
+    """``python -m proxy serve`` with one uvicorn worker (or ``workers``), in front of ``sim``."""
 
-    def __init__(self, label: str, sim: Sim, workdir: Path, features: str = "default") -> None:
+    def __init__(self, label: str, sim: Sim, workdir: Path, features: str = "default", workers: int = 1) -> None:
         port = free_port()
         config_path = workdir / f"{label}.yaml"
         config = proxy_config(sim, port, workdir / f"{label}.db", features)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(config_path), "--log-level", "warning"]
+        if workers > 1:
+            argv += ["--workers", str(workers)]
         super().__init__(label, argv, workdir / f"{label}.log")
         self.url = f"http://127.0.0.1:{port}"
         try:
