@@ -157,19 +157,21 @@ class Bench:
             for leg in sc.legs if index % 2 == 0 else sc.legs[::-1]:
                 result = self.round(sc, leg, index)
                 rounds[leg.label].append(result)
-                _progress(sc, leg, index, summarize(leg.label, sc.kind, [result]))
+                _progress(sc, leg, index, summarize(leg.label, sc.kind, [result]), result.raw.get("errors") or {})
         summaries = {label: summarize(label, sc.kind, rs) for label, rs in rounds.items()}
         per_round = [summarize(label, sc.kind, [r], label=str(r.index + 1)) for label, rs in rounds.items() for r in rs]
         comparisons = list(compare(summaries[sc.subject], summaries[sc.baseline]))
         return ScenarioResult(sc, summaries, per_round, comparisons, checks_for(sc, summaries, limits))
 
 
-def _progress(sc: Scenario, leg: Leg, index: int, s) -> None:
+def _progress(sc: Scenario, leg: Leg, index: int, s, errors: dict[str, int]) -> None:
     stream = f", TTFT p50 {s.ttft_p50_ms:.3f} ms" if sc.kind == "stream" else ""
     opened = f", {s.peak_open_streams} open" if s.peak_open_streams > 1 else ""
     print(f"[{sc.name}] round {index + 1}/{sc.rounds} {leg.label:>9}: {s.requests} answered, {s.failures} failed, "
           f"{s.rps:.0f} req/s, p50 {s.p50_ms:.3f} ms, p99 {s.p99_ms:.3f} ms{stream}{opened}", file=sys.stderr,
           flush=True)  # fmt: skip
+    for error, count in list(errors.items())[:3]:  # what failed, most frequent first
+        print(f"    {count} x {error}", file=sys.stderr, flush=True)
 
 
 def run(selected: list[Scenario], args: argparse.Namespace, workdir: Path) -> list[ScenarioResult]:

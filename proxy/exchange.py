@@ -11,7 +11,6 @@ to the first chunk; the histogram gets the same figure, so the two agree.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import orjson
 
@@ -31,7 +30,7 @@ def _usage(usage: object) -> tuple[int | None, int | None]:
 
 
 class Exchange:
-    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed")
+    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed", "_tap")
 
     def __init__(self, history: History, metrics: Metrics, operation: str, token: bytes | None) -> None:
         self.history = history
@@ -43,6 +42,7 @@ class Exchange:
         self.waited = 0.0  # seconds spent waiting on backends
         self.overhead: float | None = None
         self._closed = False
+        self._tap: UsageTap | None = None
 
     @property
     def id(self) -> str:
@@ -86,40 +86,25 @@ class Exchange:
             return
         self.record.prompt_tokens, self.record.completion_tokens = _usage(usage)
 
-    async def counting(self, frames: AsyncIterator[bytes], tap: UsageTap | None = None) -> AsyncIterator[bytes]:
-        """Pass a stream through, picking token counts out of the usage chunk when there is one.
+    def count_with(self, tap: UsageTap) -> None:
+        """Take the token counts of a stream from ``tap`` (proxy/usage.py) when the exchange closes.
 
-        With a ``tap`` (proxy/usage.py) its numbers count: it sees the backend's usage even when it
-        keeps it from the client, and counts when the backend sent none.
+        The tap sees the backend's usage even when it keeps it from the client, and counts when the
+        backend sent none. Read at close rather than by one more generator around the stream: the
+        stream is over by then (the SSE response closes it before it reports), and a layer fewer
+        is a step fewer for every chunk.
         """
-        try:
-            async for frame in frames:
-                if tap is None and (b'"usage":{' in frame or b'"usage": {' in frame):
-                    self._usage_from_frame(frame)
-                yield frame
-        finally:
-            if tap is not None:
-                prompt, completion = tap.tokens
-                if prompt is not None:
-                    self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
-            await frames.aclose()  # type: ignore[attr-defined]
-
-    def _usage_from_frame(self, frame: bytes) -> None:
-        for line in frame.split(b"\n"):
-            if line.startswith(b"data: {"):
-                try:
-                    usage = orjson.loads(line[6:]).get("usage")
-                except orjson.JSONDecodeError:
-                    continue
-                prompt, completion = _usage(usage)
-                if prompt is not None:
-                    self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
+        self._tap = tap
 
     def close(self, status: str, http_status: int, error: ProxyError | str | None = None) -> None:
         if self._closed:
             return
         self._closed = True
         record = self.record
+        if self._tap is not None:
+            prompt, completion = self._tap.tokens
+            if prompt is not None:
+                record.prompt_tokens, record.completion_tokens = prompt, completion
         record.status = status  # type: ignore[assignment]
         record.http_status = http_status
         if error is not None:

@@ -164,7 +164,8 @@ class Gateway:
             if not (body.get("stream_options") or {}).get("include_usage"):
                 frames = usage.dropped(frames)
             headers.append((b"x-proxy-usage", usage_source))
-            return _sse(exchange.counting(frames, tap), headers, exchange, ingress)
+            exchange.count_with(tap)
+            return _sse(frames, headers, exchange, ingress)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]

@@ -85,7 +85,10 @@ class _Prefixed:
 
 
 def _sized(message) -> bool:
-    return any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+    for name, _ in message.get("headers", ()):
+        if name.lower() == b"content-length":
+            return True
+    return False
 
 
 class OneWriteCycle(RequestResponseCycle):
