@@ -9,8 +9,6 @@ import os
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -30,48 +28,50 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.services.gateway
 
 
-# The OpenAI generation endpoints: answered by Generation below, ahead of Starlette's routing.
+# The OpenAI generation endpoints: POST is answered by Generation below, ahead of Starlette's layers.
 GENERATION = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/embeddings": "embeddings"}
 
 
 class Generation:
-    """``POST`` to the OpenAI generation endpoints, as a plain ASGI layer; everything else goes on to ``app``.
+    """``POST`` to the OpenAI generation endpoints, as a plain ASGI endpoint.
 
-    These are the requests that count (thousands a second), and for them Starlette's router
-    (a regular expression per route until one matches), its exception middleware and its
-    ``Request`` object were a noticeable share of the proxy's cost. The chain is the same:
-    this layer sits below the same middleware (``UnexpectedErrors``, the API-key check),
-    renders a :class:`ProxyError` with the same ``error_response``, and calls the same
-    :class:`Gateway`. Another method on these paths goes on to Starlette, which answers 405.
+    These are the requests that count (thousands a second), and for them Starlette's layers
+    (``Starlette.__call__``, its server-error middleware, the router's regular expression per
+    route, its exception middleware, the ``Request`` object) were a noticeable share of the
+    proxy's cost: each layer is one more call per ``send`` and one more frame that every
+    suspension of the request's task unwinds and re-enters. The chain is the same: this runs
+    below the same middleware (``UnexpectedErrors``, the API-key check), renders a
+    :class:`ProxyError` with the same ``error_response``, and calls the same :class:`Gateway`.
     """
 
-    def __init__(self, owner: Starlette, app) -> None:
+    def __init__(self, owner: Starlette) -> None:
         self.owner = owner  # the Starlette app, whose state holds the services once the lifespan ran
-        self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        operation = GENERATION.get(scope["path"]) if scope["type"] == "http" else None
-        if operation is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
         try:
-            response = await self.owner.state.services.gateway.generate(scope, receive, operation)
+            response = await self.owner.state.services.gateway.generate(scope, receive, GENERATION[scope["path"]])
         except ProxyError as exc:
             response = error_response(exc)
         await response(scope, receive, send)
 
 
 class ProxyApp(Starlette):
-    """Starlette, with :class:`Generation` between the app's middleware and Starlette's own exception
-    middleware and router (which answer every other path, as before)."""
+    """Starlette, except that ``POST`` to a :data:`GENERATION` path goes to :class:`Generation` through the
+    app's middleware only; every other request (another method on those paths too: 405) is Starlette's."""
 
-    def build_middleware_stack(self):
-        handlers = dict(self.exception_handlers)
-        last_resort = handlers.pop(Exception, None) or handlers.pop(500, None)
-        app = Generation(self, ExceptionMiddleware(self.router, handlers=handlers, debug=self.debug))
-        for cls, args, kwargs in reversed(self.user_middleware):
-            app = cls(app, *args, **kwargs)
-        return ServerErrorMiddleware(app, handler=last_resort, debug=self.debug)
+    _generation = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION:
+            if self._generation is None:
+                app = Generation(self)
+                for cls, args, kwargs in reversed(self.user_middleware):
+                    app = cls(app, *args, **kwargs)
+                self._generation = app
+            scope["app"] = self
+            await self._generation(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _in_anthropic_shape(request: Request, call) -> Response:
