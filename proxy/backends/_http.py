@@ -19,7 +19,7 @@ import orjson
 
 from ..config import BackendConfig, TimeoutConfig
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ProxyError
-from ._transport import PooledTransport
+from ._transport import PooledTransport, Body
 
 _ERROR_BODY_LIMIT = 64 * 1024
 
@@ -157,7 +157,11 @@ class Upstream:
         """
         # The transport's stream itself rather than aiter_raw(), whose re-chunking and byte counting
         # cost a few microseconds per chunk for nothing here; the response is closed below all the same.
-        reader = resp.stream.__aiter__()  # type: ignore[union-attr]
+        # From our own transport the pieces are taken as they are, without its async generator: one
+        # frame less that every wait for the backend suspends and resumes.
+        body = resp.stream
+        direct = isinstance(body, Body)
+        reader = None if direct else body.__aiter__()  # type: ignore[union-attr]
         # Every read happens in the request's task (routing reads the first chunk, the response the
         # rest), so the task the watchdog may cancel is looked up once.
         watchdog = _Watchdog(asyncio.get_running_loop(), self.timeouts.idle, asyncio.current_task())
@@ -168,7 +172,15 @@ class Upstream:
             while True:
                 watchdog.arm()
                 try:
-                    chunk = await reader.__anext__()
+                    if direct:
+                        chunk = body.ready()  # type: ignore[union-attr]
+                        while chunk is None:
+                            await body.wait()  # type: ignore[union-attr]
+                            chunk = body.ready()  # type: ignore[union-attr]
+                        if not chunk:
+                            return
+                    else:
+                        chunk = await reader.__anext__()  # type: ignore[union-attr]
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:

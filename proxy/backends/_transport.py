@@ -84,6 +84,8 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
+        if not body:
+            return  # an empty piece would read as the end in Body.ready()
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -121,7 +123,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-class _Body(httpx.AsyncByteStream):
+class Body(httpx.AsyncByteStream):
     def __init__(self, connection: _Connection, pool: PooledTransport) -> None:
         self.connection = connection
         self.pool = pool
@@ -140,6 +142,25 @@ class _Body(httpx.AsyncByteStream):
                 await conn.wait()
         self.done = True
         self.pool.release(conn)
+
+    def ready(self) -> bytes | None:
+        """The next piece of the body if one is here, ``b""`` at its end, None while it must be waited
+        for (:meth:`wait`); raises the connection's error. What ``__aiter__`` does, for a reader that
+        would rather not stack one more async generator under every await (``Upstream.chunks``)."""
+        conn = self.connection
+        if conn.chunks:
+            return conn.take()
+        if conn.complete:
+            if not self.done:
+                self.done = True
+                self.pool.release(conn)
+            return b""
+        if conn.error is not None:
+            raise conn.error
+        return None
+
+    def wait(self):
+        return self.connection.wait()
 
     async def aclose(self) -> None:
         if not self.done:
@@ -247,7 +268,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
                 self._open.discard(conn)
                 raise
             headers = [(k, v) for k, v in conn.headers if k.lower() not in _SKIP_HEADERS]
-            return httpx.Response(conn.status, headers=headers, stream=_Body(conn, self), request=request)
+            return httpx.Response(conn.status, headers=headers, stream=Body(conn, self), request=request)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
