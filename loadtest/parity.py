@@ -118,8 +118,10 @@ class Bench:
         self.profile_dir = profile_dir
 
     def round(self, sc: Scenario, leg: Leg, index: int) -> RoundResult:
+        # A paced stream may take longer than a minute (10k-streams: 100 s); the client waits that long.
+        timeout = max(60.0, sc.tokens / sc.tps + sc.ttft + 30) if sc.tps else 60.0
         spec = LoadSpec(client=sc.client or self.client, kind=sc.kind, users=sc.users_of(leg), warmup=sc.warmup,
-                        duration=sc.duration, ramp=sc.ramp)  # fmt: skip
+                        duration=sc.duration, ramp=sc.ramp, timeout=timeout)  # fmt: skip
         proxy = self.proxies.get(leg.target)
         host = proxy.url if proxy else self.sim.url
         self.sim.reset()

@@ -278,6 +278,7 @@ class LoadSpec:
     warmup: float  # seconds of load before recording starts (connections, caches, spawning)
     duration: float  # seconds recorded
     ramp: float = 0.0  # seconds over which the users start
+    timeout: float = 60.0  # seconds one request may take (a slow stream: longer)
 
 
 def run_load(spec: LoadSpec, host: str, model: str, workdir: Path, max_tokens: int) -> dict:
@@ -290,12 +291,13 @@ def run_load(spec: LoadSpec, host: str, model: str, workdir: Path, max_tokens: i
             "--out", str(out_path)]  # fmt: skip
     env = {**os.environ, "LOAD_CHAT_MODEL": model, "LOAD_MAX_TOKENS": str(max_tokens), "LOAD_UNIQUE": "1",
            "LOAD_PROMPT": "Write two sentences about load testing."}  # fmt: skip
+    env["LOAD_TIMEOUT"] = str(spec.timeout)
     env.pop("LOAD_API_KEY", None)
     # requests (Locust's HttpUser) would send loopback traffic through a proxy named in the environment.
     for name in [k for k in env if k.lower() in ("http_proxy", "https_proxy", "all_proxy")]:
         del env[name]
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    limit = spec.warmup + spec.duration + spec.ramp + 60
+    limit = spec.warmup + spec.duration + spec.ramp + max(60, spec.timeout)
     try:
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired as exc:

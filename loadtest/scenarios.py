@@ -85,7 +85,7 @@ SCENARIOS: dict[str, Scenario] = {
                  legs=(Leg("1 worker", "proxy"), Leg("2 workers", "proxy-2w")), baseline="1 worker",
                  subject="2 workers", client="asyncio"),
         Scenario("10k-streams", "10,000 streams open at once at 1 token per 10 s (asyncio client), proxy memory",
-                 kind="stream", users=10_000, ttft=0, tps=0.1, tokens=6, rounds=1, warmup=3, duration=5, ramp=40,
+                 kind="stream", users=10_000, ttft=0, tps=0.1, tokens=10, rounds=1, warmup=3, duration=5, ramp=40,
                  legs=(Leg("proxy@1000", "proxy", users=1000), Leg("proxy", "proxy")), baseline="proxy@1000",
                  client="asyncio"),
     )

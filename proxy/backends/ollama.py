@@ -60,46 +60,69 @@ class OllamaBackend(HTTPBackend):
             return BackendRejected(f"{where} rejected the request: {msg}", param=param)
         return BackendError(f"{where} failed ({exc.status}): {msg}")
 
-    async def _lines(self, path: str, native: dict, target: str) -> AsyncIterator[list[dict]]:
-        """The answer's NDJSON lines, in lists (those that arrived together: see ``Upstream.batches``)."""
+    async def _open(self, path: str, native: dict, target: str) -> AsyncIterator[list[dict]]:
+        """Send the request; the answer's NDJSON lines, in lists (those that arrived together:
+        see ``Upstream.batches``). The caller checks each list with :meth:`_check`."""
         try:
             resp = await self.http.post(path, orjson.dumps(native), stream=True)
         except UpstreamStatus as exc:
             raise self._error(exc, target) from None
+        return self.http.batches(resp)
+
+    def _check(self, batch: list[dict]) -> tuple[int, bool]:
+        """How many lines of ``batch`` are good (all, unless one reports a failure), and whether one ends
+        the answer. Once streaming has begun, Ollama reports failures in-band, as a line with ``error``."""
         done = False
-        # aclosing: a client that leaves must close the upstream connection now, not at GC time,
-        # because closing it is what makes Ollama stop generating.
-        async with aclosing(self.http.batches(resp)) as batches:
-            async for batch in batches:
-                for i, line in enumerate(batch):
-                    if "error" in line:  # once streaming has begun, Ollama reports failures in-band
-                        if i:
-                            yield batch[:i]  # what came before the failure still reaches the client
-                        raise BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
-                    if line.get("done"):
-                        # Read on to the end of the body (its last bytes are already here) rather than
-                        # stop: a response read to the end lets the pool reuse the connection.
-                        done = True
-                yield batch
-        if not done:
-            raise BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
+        for i, line in enumerate(batch):
+            if "error" in line:
+                return i, done
+            if line.get("done"):
+                done = True
+        return len(batch), done
 
-    async def _frames(self, lines: AsyncIterator[list[dict]], translator) -> AsyncIterator[bytes]:
+    def _failed(self, line: dict) -> BackendError:
+        return BackendError(f"backend {self.name!r} failed mid-answer: {line['error']}")
+
+    def _cut(self) -> BackendError:
+        return BackendError(f"backend {self.name!r} closed the stream before the answer was complete")
+
+    # After the line with "done" the loops below read on to the end of the body (its last bytes are
+    # already here) rather than stop: a response read to the end lets the pool reuse the connection.
+    # aclosing: a client that leaves must close the upstream connection now, not at GC time, because
+    # closing it is what makes Ollama stop generating.
+
+    async def _frames(self, batches: AsyncIterator[list[dict]], translator) -> AsyncIterator[bytes]:
         # The events of lines that arrived together go out together: one write to the client, not one each.
-        async with aclosing(lines):
-            async for batch in lines:
-                yield b"".join([translator.feed(line) for line in batch])
+        done = False
+        async with aclosing(batches):
+            async for batch in batches:
+                good, ends = self._check(batch)
+                done = done or ends
+                if good:
+                    lines = batch if good == len(batch) else batch[:good]
+                    yield b"".join([translator.feed(line) for line in lines])
+                if good < len(batch):
+                    raise self._failed(batch[good])  # what came before the failure reached the client
+        if not done:
+            raise self._cut()
 
-    async def _collect(self, lines: AsyncIterator[list[dict]], aggregate) -> bytes:
-        async with aclosing(lines):
-            async for batch in lines:
+    async def _collect(self, batches: AsyncIterator[list[dict]], aggregate) -> bytes:
+        done = False
+        async with aclosing(batches):
+            async for batch in batches:
+                good, ends = self._check(batch)
+                if good < len(batch):
+                    raise self._failed(batch[good])
+                done = done or ends
                 for line in batch:
                     aggregate.feed(line)
+        if not done:
+            raise self._cut()
         return orjson.dumps(aggregate.result())
 
     async def chat(self, body: dict, target: str) -> Reply:
         native, shape = ollama_chat.chat_request(body, target)
-        lines = self._lines("/api/chat", native, target)
+        lines = await self._open("/api/chat", native, target)
         if body.get("stream"):
             # Ollama always reports usage: frame it always, the gateway drops it if the client did not ask.
             shape = dataclasses.replace(shape, include_usage=True)
@@ -108,7 +131,7 @@ class OllamaBackend(HTTPBackend):
 
     async def completion(self, body: dict, target: str) -> Reply:
         native, shape = ollama_text.completion_request(body, target)
-        lines = self._lines("/api/generate", native, target)
+        lines = await self._open("/api/generate", native, target)
         if body.get("stream"):
             shape = dataclasses.replace(shape, include_usage=True)
             return await primed(self._frames(lines, ollama_text.TextStream(shape)))
