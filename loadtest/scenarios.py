@@ -200,5 +200,5 @@ def checks_for(scenario: Scenario, legs: dict[str, Summary], limits: Limits) -> 
               f"{growth:.2f}x ({few.proxy_cpu_us_per_chunk:.0f} -> {many.proxy_cpu_us_per_chunk:.0f} us)",
               growth <= limits.max_chunk_cost_growth)  # fmt: skip
         check(f"proxy CPU per chunk, {many.users} streams", f"<= {limits.max_chunk_cpu_us:g} us",
-              f"{many.proxy_cpu_us_per_chunk:.0f} us", many.proxy_cpu_us_per_chunk <= limits.max_chunk_cpu_us)
+              f"{many.proxy_cpu_us_per_chunk:.0f} us", many.proxy_cpu_us_per_chunk <= limits.max_chunk_cpu_us)  # fmt: skip
     return out

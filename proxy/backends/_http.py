@@ -19,7 +19,7 @@ import orjson
 
 from ..config import BackendConfig, TimeoutConfig
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ProxyError
-from ._transport import PooledTransport, Body
+from ._transport import Body, PooledTransport
 
 _ERROR_BODY_LIMIT = 64 * 1024
 
