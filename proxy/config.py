@@ -660,5 +660,6 @@ def anchor_paths(config: Config, base: str | os.PathLike) -> Config:
     storage = dataclasses.replace(config.storage, path=_anchored(config.storage.path, base), key_path=key_path)
     distribution = dataclasses.replace(config.distribution,
                                        manifest_path=_anchored(config.distribution.manifest_path, base))  # fmt: skip
-    catalog = dataclasses.replace(config.catalog, file=_anchored(config.catalog.file, base) if config.catalog.file else "")
+    catalog_file = _anchored(config.catalog.file, base) if config.catalog.file else ""
+    catalog = dataclasses.replace(config.catalog, file=catalog_file)
     return dataclasses.replace(config, storage=storage, distribution=distribution, catalog=catalog)

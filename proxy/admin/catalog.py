@@ -40,7 +40,9 @@ def _query(request: Request) -> tuple[list[str], str, int, bool]:
     try:
         limit = int(raw)
     except ValueError:
-        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {raw!r}", param="limit") from None
+        raise InvalidRequest(
+            f"limit must be a whole number from 1 to {MAX_LIMIT}, got {raw!r}", param="limit"
+        ) from None
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidRequest(f"limit must be from 1 to {MAX_LIMIT}, got {limit}", param="limit")
     refresh = params.get("refresh", "false").lower()

@@ -132,6 +132,9 @@ _PIPELINE_CAPABILITIES = {
 _QUANT_TAGS = (("awq", "AWQ"), ("gptq", "GPTQ"), ("fp8", "FP8"), ("bitsandbytes", "4BIT"), ("4-bit", "4BIT"),
                ("8-bit", "INT8"), ("mxfp4", "MXFP4"))  # fmt: skip
 
+# Integer dtypes hold packed weights (GPTQ/AWQ's I32) or indices: their width is what is stored.
+_PACKED = {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
 
 def _hf_quantization(dtypes: dict[str, int], tags: set[str]) -> str | None:
     for tag, name in _QUANT_TAGS:
@@ -157,7 +160,6 @@ def _hf_entry(raw: dict) -> Entry | None:
     dtypes = {str(k): v for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
     size = None
     if dtypes and all(bytes_per_weight(d) is not None or d.upper() in _PACKED for d in dtypes):
-        # Packed integer dtypes (GPTQ/AWQ's I32) count stored elements, so their width is the size.
         size = round(sum(n * (bytes_per_weight(d) or _PACKED[d.upper()]) for d, n in dtypes.items()))
     total = safetensors.get("total")
     parameters = total if isinstance(total, int) and not isinstance(total, bool) else (sum(dtypes.values()) or None)
@@ -167,9 +169,6 @@ def _hf_entry(raw: dict) -> Entry | None:
         parameters, quantization = gguf["total"], quantization or DEFAULT_OLLAMA_QUANT
     visible = tuple(t for t in tags if not t.startswith(("region:", "license:", "arxiv:", "base_model:", "dataset:")))
     return Entry(name, "huggingface", size, parameters, quantization, capabilities, visible)
-
-
-_PACKED = {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def huggingface_models(body: bytes) -> list[Entry]:
