@@ -72,7 +72,8 @@ def _library_page(models) -> str:
 class FakeSources:
     """Both fakes in one app, counting requests; ``hang`` makes them never answer in time."""
 
-    def __init__(self) -> None:
+    def __init__(self, library=LIBRARY, hub=HUB) -> None:
+        self.library, self.hub = library, hub
         self.requests: list[tuple[str, dict]] = []
         self.hang = False
         self.broken = False
@@ -92,7 +93,7 @@ class FakeSources:
             return Response("upstream trouble", status_code=503)
         q = request.query_params.get("q", "").lower()
         # Like the real site, the search matches descriptions too.
-        hits = [m for m in LIBRARY if q in m[0].lower() or q in m[1].lower()]
+        hits = [m for m in self.library if q in m[0].lower() or q in m[1].lower()]
         return HTMLResponse(f"<html><body>{_library_page(hits)}</body></html>")
 
     async def models(self, request: Request) -> Response:
@@ -102,7 +103,7 @@ class FakeSources:
             return Response(orjson.dumps({"error": "Invalid filter"}), media_type="application/json")
         q = request.query_params.get("search", "").lower()
         wanted = request.query_params.get("filter")
-        hits = [m for m in HUB if q in m["id"].lower() and (not wanted or m["pipeline_tag"] == wanted)]
+        hits = [m for m in self.hub if q in m["id"].lower() and (not wanted or m["pipeline_tag"] == wanted)]
         return Response(orjson.dumps(hits[: int(request.query_params.get("limit", "1000"))]),
                         media_type="application/json")  # fmt: skip
 
