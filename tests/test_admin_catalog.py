@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError, load_config, parse_config
 from proxy.installable.catalog import load_file
 from proxy.installable.entry import GIB, MEMORY_FACTOR, MEMORY_OVERHEAD, Entry, parameters_of
 from proxy.sim import ServerThread
@@ -410,3 +410,38 @@ def test_the_catalog_needs_the_admin_key(live):
     assert httpx.get(f"{base}/admin/catalog", timeout=10).status_code == 401
     wrong = httpx.get(f"{base}/admin/catalog", headers={"Authorization": "Bearer nope"}, timeout=10)
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_relative_catalog_file_is_taken_from_the_config_files_directory(tmp_path):
+    (tmp_path / "config.yaml").write_text("catalog:\n  file: models/mine.json\n")
+    assert load_config(tmp_path / "config.yaml", env={}).catalog.file == str(tmp_path / "models" / "mine.json")
+
+
+def test_at_most_max_kept_answers_are_kept_those_expiring_first_go_first():
+    from proxy.config import CatalogConfig
+    from proxy.installable.catalog import MAX_KEPT, Installable
+
+    class Counting:
+        name = "ollama"
+
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def fetch(self, client, query):
+            self.asked.append(query)
+            return [Entry(f"{query}:1b", "ollama", size=1)]
+
+    async def run() -> list[str]:
+        source = Counting()
+        catalog = Installable(CatalogConfig(), sources={"ollama": source}, offline=[])
+        try:
+            for i in range(MAX_KEPT + 1):
+                assert (await catalog.answer("ollama", f"m{i}")).state == "live"
+            assert (await catalog.answer("ollama", f"m{MAX_KEPT}")).state == "cached"
+            assert (await catalog.answer("ollama", "m0")).state == "live"  # the oldest went
+        finally:
+            await catalog.aclose()
+        return source.asked
+
+    asked = asyncio.run(run())
+    assert len(asked) == MAX_KEPT + 2 and asked[-1] == "m0"

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import httpx
 
-from ..config import CatalogConfig, ConfigError
+from ..config import CatalogConfig, ConfigError, redact_url
 from .entry import Entry
 from .parse import SOURCES, SourceAnswerError, catalog_file, huggingface_models, ollama_library
 
@@ -29,6 +29,8 @@ log = logging.getLogger("llm_proxy")
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 # Models asked of the Hub per query (its own limit is 1000); the catalog's limit= cuts further.
 HUB_PAGE = 100
+# Answers kept at most (one per source and query): typing in the dashboard's search box makes many.
+MAX_KEPT = 256
 # What is shown for a source's state.
 LIVE, CACHED, OFFLINE = "live", "cached", "offline"
 
@@ -44,12 +46,12 @@ class Source(Protocol):
 async def _get(client: httpx.AsyncClient, url: str, params: list[tuple[str, str]], headers: dict) -> bytes:
     async with client.stream("GET", url, params=params, headers=headers) as response:
         if response.status_code != 200:
-            raise SourceAnswerError(f"HTTP {response.status_code} from {url}")
+            raise SourceAnswerError(f"HTTP {response.status_code} from {redact_url(url)}")
         chunks, total = [], 0
         async for chunk in response.aiter_bytes():
             total += len(chunk)
             if total > MAX_ANSWER_BYTES:
-                raise SourceAnswerError(f"answer from {url} larger than {MAX_ANSWER_BYTES} bytes")
+                raise SourceAnswerError(f"answer from {redact_url(url)} larger than {MAX_ANSWER_BYTES} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -182,7 +184,11 @@ class Installable:
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
-        for key in [k for k, kept in self._kept.items() if kept.until <= now]:
+        stale = [k for k, kept in self._kept.items() if kept.until <= now]
+        if len(self._kept) - len(stale) > MAX_KEPT:  # then those that would expire first
+            by_expiry = sorted((k for k in self._kept if k not in stale), key=lambda k: self._kept[k].until)
+            stale += by_expiry[: len(self._kept) - len(stale) - MAX_KEPT]
+        for key in stale:
             del self._kept[key]
             lock = self._locks.get(key)
             if lock is not None and not lock.locked():
