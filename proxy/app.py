@@ -18,6 +18,7 @@ from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
 from .ingress import ANTHROPIC, count_tokens
+from .installable import Installable
 from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth, UnexpectedErrors
 from .services import Services
 
@@ -150,13 +151,18 @@ async def _not_allowed(request: Request):
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        services = await Services.open(config)
-        await services.start()
-        app.state.services = services
+        # Read first: a bad catalog.file stops the start before anything else is opened.
+        app.state.installable = installable = await Installable.open(config.catalog)
         try:
-            yield
+            services = await Services.open(config)
+            await services.start()
+            app.state.services = services
+            try:
+                yield
+            finally:
+                await services.close()
         finally:
-            await services.close()
+            await installable.aclose()
 
     routes = [
         # The GENERATION paths: Generation answers POST; these routes exist for the 405 on other methods.
