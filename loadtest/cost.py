@@ -31,7 +31,6 @@ import yaml
 from .procs import RunError, Service, Sim, free_port, proxy_config
 from .scenarios import reply_of
 
-
 _ONLY = {"history": {"history": {"enabled": True}}, "metrics": {"metrics": {"enabled": True}},
          "cache": {"cache": {"mode": "always"}}}  # fmt: skip
 
