@@ -24,8 +24,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .procs import ROOT, LoadSpec, Proxy, RunError, Service, Sim, cpu_seconds, peak_rss_bytes, raise_open_files
-from .procs import reset_peak_rss, run_load
+from .procs import (
+    ROOT,
+    LoadSpec,
+    Proxy,
+    RunError,
+    Service,
+    Sim,
+    cpu_seconds,
+    peak_rss_bytes,
+    raise_open_files,
+    reset_peak_rss,
+    run_load,
+)
 from .profile import Sampler
 from .report import ScenarioResult, machine, write_csv, write_markdown
 from .scenarios import SCENARIOS, Leg, Limits, Scenario, checks_for, reply_of
