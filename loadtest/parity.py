@@ -43,7 +43,27 @@ from .scenarios import SCENARIOS, Leg, Limits, Scenario, checks_for, reply_of
 from .stats import CHUNK_ENTRIES, MAIN_ENTRY, RoundResult, compare, summarize
 
 # Proxy labels the scenarios' legs name, and the features and worker processes each runs with.
-_PROXIES = {"proxy": ("default", 1), "proxy-off": ("off", 1), "proxy-on": ("on", 1), "proxy-2w": ("default", 2)}
+# "proxy-many" (10k-streams) gets as many workers as the descriptor limit needs: see _many_workers().
+_PROXIES = {"proxy": ("default", 1), "proxy-off": ("off", 1), "proxy-on": ("on", 1), "proxy-2w": ("default", 2),
+            "proxy-many": ("default", 0)}  # fmt: skip
+
+
+def _many_workers(selected: list[Scenario], open_files: int) -> tuple[int, str]:
+    """Workers for "proxy-many", and a sentence for the report when that is more than one.
+
+    Each open stream holds two descriptors in the proxy (its client's and its backend's
+    connection), and every descriptor of a worker counts against that process's RLIMIT_NOFILE.
+    Where the hard limit is low and cannot be raised (a container without CAP_SYS_RESOURCE:
+    20,000 here), one process cannot hold 10,000 streams; two workers, each with its own limit,
+    hold them, and their memory is summed.
+    """
+    users = max((sc.users_of(leg) for sc in selected for leg in sc.legs if leg.target == "proxy-many"), default=0)
+    needed = 2 * users + 256
+    workers = max(1, -(-needed // max(open_files - 256, 1)))
+    if workers == 1:
+        return 1, ""
+    return workers, (f" The proxy runs {workers} workers: RLIMIT_NOFILE is {open_files} and could not be raised, "
+                     f"and one process would need {needed} descriptors; their memory is summed")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,9 +213,14 @@ def run(selected: list[Scenario], args: argparse.Namespace, workdir: Path) -> li
         sim = Sim(args.backend, reply_of(20), workdir)
         services.append(sim)
         proxies: dict[str, Proxy] = {}
+        many, note = _many_workers(selected, raise_open_files())
+        if note:
+            print(f"note:{note}.", file=sys.stderr, flush=True)
+            selected = [dataclasses.replace(sc, purpose=sc.purpose + "." + note) if any(
+                leg.target == "proxy-many" for leg in sc.legs) else sc for sc in selected]  # fmt: skip
         for label in sorted({leg.target for sc in selected for leg in sc.legs} - {"direct"}):
             features, workers = _PROXIES[label]
-            proxies[label] = Proxy(label, sim, workdir, features, workers)
+            proxies[label] = Proxy(label, sim, workdir, features, workers or many)
             services.append(proxies[label])
         bench = Bench(sim, proxies, args.client, workdir, args.profile)
         return [bench.scenario(sc, limits_of(args)) for sc in selected]

@@ -86,8 +86,8 @@ SCENARIOS: dict[str, Scenario] = {
                  subject="2 workers", client="asyncio"),
         Scenario("10k-streams", "10,000 streams open at once at 1 token per 10 s (asyncio client), proxy memory",
                  kind="stream", users=10_000, ttft=0, tps=0.1, tokens=10, rounds=1, warmup=3, duration=5, ramp=40,
-                 legs=(Leg("proxy@1000", "proxy", users=1000), Leg("proxy", "proxy")), baseline="proxy@1000",
-                 client="asyncio"),
+                 legs=(Leg("proxy@1000", "proxy-many", users=1000), Leg("proxy", "proxy-many")),
+                 baseline="proxy@1000", client="asyncio"),
     )
 }
 # fmt: on
