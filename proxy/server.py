@@ -84,7 +84,14 @@ class _Prefixed:
         return getattr(self.transport, name)
 
 
+# In an ``http.response.start`` message: the app sends its first body part right after, so the
+# head may wait for it (proxy/streaming.py's SSEResponse, whose first frame is already read).
+HEAD_WITH_BODY = "llm_proxy.head_with_body"
+
+
 def _sized(message) -> bool:
+    if message.get(HEAD_WITH_BODY):
+        return True
     for name, _ in message.get("headers", ()):
         if name.lower() == b"content-length":
             return True
@@ -98,8 +105,8 @@ class OneWriteCycle(RequestResponseCycle):
     calls per answer, and on a loopback or LAN client two wake-ups. Here the head of an answer
     with a ``content-length`` (its whole body is ready: it follows at once) waits for the
     ``http.response.body`` and goes out in the same write. A streamed answer's head is written
-    at once as before: its first part may take a while, and the client should see the status
-    meanwhile. Everything else (validation of headers, framing, keep-alive, completion) is
+    at once as before (its first part may take a while, and the client should see the status
+    meanwhile), unless the app says its first part follows at once (:data:`HEAD_WITH_BODY`). Everything else (validation of headers, framing, keep-alive, completion) is
     uvicorn's own code, run unchanged on the held bytes.
     """
 

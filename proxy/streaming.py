@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 
 from .errors import BodyTooLarge, ClientGone, InvalidRequest, ProxyError, internal_error, sse_error_event
+from .server import HEAD_WITH_BODY
 
 log = logging.getLogger("llm_proxy")
 
@@ -127,6 +128,9 @@ class SSEResponse:
             {
                 "type": "http.response.start",
                 "status": 200,
+                # The first frame was read before this response was made (backends.primed, a cached
+                # answer): the server may write the head with it, one write instead of two.
+                HEAD_WITH_BODY: True,
                 "headers": [
                     (b"content-type", b"text/event-stream; charset=utf-8"),
                     (b"cache-control", b"no-cache"),

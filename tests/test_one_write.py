@@ -12,7 +12,7 @@ import logging
 
 from uvicorn.protocols.http.flow_control import FlowControl
 
-from proxy.server import OneWriteCycle
+from proxy.server import HEAD_WITH_BODY, OneWriteCycle
 
 
 class Recorder:
@@ -94,3 +94,19 @@ async def _a_body_shorter_than_its_length_is_still_refused():
         assert "shorter than Content-Length" in str(exc)
     else:
         raise AssertionError("a short body must fail as it does in uvicorn")
+
+
+def test_a_stream_whose_first_part_is_ready_sends_its_head_with_it():
+    asyncio.run(_a_stream_whose_first_part_is_ready_sends_its_head_with_it())
+
+
+async def _a_stream_whose_first_part_is_ready_sends_its_head_with_it():
+    transport = Recorder()
+    cycle = _cycle(transport)
+    await cycle.send({"type": "http.response.start", "status": 200, HEAD_WITH_BODY: True,
+                      "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+    assert transport.writes == []
+    await cycle.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
+    assert transport.writes[1:] == [b"0\r\n\r\n"]
