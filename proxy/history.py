@@ -9,7 +9,8 @@ a quarter of a second after the first row: each commit, each hand-off to the
 database thread and each page of the write-ahead log is then shared by many rows
 (at 20 ms, history cost 14 futex calls and 3.7 WAL writes per request; at 250 ms,
 6.5 and 2.6). Reads through :meth:`list` and :meth:`get` write the buffer first,
-so they never miss a row of this process.
+so they never miss a row of this process; another reader of the table calls :meth:`catch_up`
+first (the admin stats do).
 
 Several worker processes share the file. Each :class:`History` is an *instance*
 with a heartbeat row in ``instances``; rows still ``in_progress`` whose instance
@@ -212,9 +213,15 @@ class History:
         """Write everything buffered (until the buffer is empty)."""
         await self._writer.drain()
 
-    async def _catch_up(self) -> None:
-        # What was buffered when a query came in; the buffer keeps arrival order, so that many batches.
+    async def catch_up(self) -> None:
+        """Write what was buffered when this is called (not what arrives meanwhile): for a reader of the
+        ``requests`` table that must see this process's recent requests (the admin stats, ``list``)."""
+        if not self.config.enabled or self._closed:
+            return
+        # The buffer keeps arrival order, so that many batches.
         await self._writer.drain(rounds=len(self._pending) // self._batch_size + 2)
+
+    _catch_up = catch_up
 
     async def close(self) -> None:
         """Write everything buffered, then stop; rows of this instance still in progress become interrupted."""

@@ -107,7 +107,9 @@ async def traffic(request: Request) -> Response:
         raise InvalidRequest("window / step gives more than 2000 buckets; use a larger step", param="step")
     until = (time.time() // step + 1) * step  # buckets aligned to the step, the last one still filling
     start = until - size * step
-    db = request.app.state.services.db
+    services = request.app.state.services
+    await services.history.catch_up()  # this worker's requests of the last moments are still buffered
+    db = services.db
     rows = await db.fetchall(
         # Integer division of integers truncates alike in SQLite and PostgreSQL, but a CAST of a fraction
         # truncates in SQLite and rounds in PostgreSQL: casting milliseconds keeps that rounding below a
