@@ -241,6 +241,24 @@ class NotInstalled(Conflict):
         return body
 
 
+class DiskLimit(Conflict):
+    """A download that would cross a node's disk limits, or needs ``"confirm": true``: refused before it starts.
+
+    The body's error object carries the figures under ``disk`` (bytes: needed, free, limits).
+    """
+
+    code = "disk_limit"
+
+    def __init__(self, message: str, disk: dict, *, code: str | None = None) -> None:
+        super().__init__(message, param="model", code=code)
+        self.disk = disk
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["disk"] = self.disk
+        return body
+
+
 # --- the Anthropic Messages ingress -------------------------------------------------------------
 
 # Anthropic's error type per status. The status itself stays the proxy's (a 503 is still a 503,
