@@ -16,6 +16,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..errors import InvalidRequest
 from ..operations.fleet import Fleet
+from ..operations.hf_pulls import SOURCES
 from ..operations.manager import check_filters
 from ..operations.model import ACTIVE
 from ..streaming import read_json
@@ -66,10 +67,20 @@ def _listing(ops) -> dict:
 
 
 async def pull(request: Request) -> Response:
-    """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node."""
+    """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node.
+
+    With ``"source": "huggingface"`` (and ``revision?``, ``confirm?``): through the vLLM nodes' agents."""
     body = await read_body(request)
     fleet = await current_fleet(request)
-    listing = _listing(fleet.pull(_model(body), body.get("nodes", "all"), force=flag(body, "force")))
+    source = body.get("source", "ollama")
+    if source not in SOURCES:
+        raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}", param="source")
+    if source == "huggingface":
+        ops = await fleet.pull_hf(_model(body), body.get("nodes", "all"), revision=body.get("revision", "main"),
+                                  confirm=flag(body, "confirm"), force=flag(body, "force"))  # fmt: skip
+        listing = _listing(ops)
+    else:
+        listing = _listing(fleet.pull(_model(body), body.get("nodes", "all"), force=flag(body, "force")))
     await fleet.settle()  # as submitted, not as it stands after the write
     return json_response(listing, 202)
 
@@ -78,7 +89,8 @@ async def delete_model(request: Request) -> Response:
     """DELETE /admin/models/{model} {nodes: [..] | "all", force?}: removes it, waits for the deletes."""
     body = await read_body(request)
     fleet = await current_fleet(request)
-    ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"))
+    ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"),
+                                   source=body.get("source"))  # fmt: skip
     return json_response(_listing(ops))
 
 

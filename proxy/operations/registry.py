@@ -115,11 +115,11 @@ class NodeRegistry:
 
     # --- changing -------------------------------------------------------------------------------
 
-    async def register(self, spec: dict) -> BackendConfig:
+    async def register(self, spec: dict, agent: dict | None = None) -> BackendConfig:
         config, kept_key = self.store.parse(spec)
         if config.name in self.parts.catalog.backends:
             raise Conflict(f"A node called {config.name!r} exists already", param="name")
-        await self.store.add(config, kept_key)
+        await self.store.add(config, kept_key, agent)
         self.parts.nodes.add(config)
         log.info("node %s registered (%s, %s)", config.name, config.kind, config.url)
         return config

@@ -27,6 +27,7 @@ DRAIN = "drain"  # a node drained or resumed (key: node name; data: {"draining":
 ALIAS = "alias"  # an alias override set (key: alias)
 OPERATION = "operation"  # an operation's row changed (key: operation id)
 CANCEL = "cancel"  # someone asked for an operation to be cancelled (key: operation id)
+AGENT = "agent"  # a node agent registered or reported (key: node name; data: url, sealed token, snapshot, seen)
 HEALTH = "health"  # a backend failed (key: node name; data: failures, cooldown_until (epoch), error)
 
 LEASE_SECONDS = 8.0  # an operation's runner or a lease holder silent this long is taken for gone
