@@ -114,6 +114,7 @@ class Agent:
         await self.supervisor.stop()
         if self._http is not None:
             await self._http.aclose()
+        log.info("agent %s stopped (runtime %s)", self.settings.name, self.supervisor.status()["state"])
 
     # --- what the agent reports -----------------------------------------------------------------
 
@@ -398,5 +399,5 @@ def serve(settings: AgentSettings, config: NodeConfig, host: str, port: int, adv
     server = uvicorn.Server(uvicorn.Config(create_agent_app(agent), log_level="warning", access_log=False,
                                            lifespan="on", timeout_graceful_shutdown=5))  # fmt: skip
     print(f"node agent {settings.name} listening on {settings.listen_url}", flush=True)
-    server.run(sockets=[sock])
+    server.run(sockets=[sock])  # uvicorn raises a SIGTERM it caught again once shut down: exit status -15
     return 0
