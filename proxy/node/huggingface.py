@@ -264,7 +264,7 @@ class HubClient:
                  "size": total, "installed_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                  "files": [f.as_dict() for f in plan.files]}  # fmt: skip
         self._record(entry)
-        progress(total, total, "success")
+        progress(total, total, "all files verified")
         return {**entry, "refetched": refetched}
 
     @staticmethod
