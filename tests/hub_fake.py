@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -69,6 +70,7 @@ class FakeHub:
         self.auth_seen: list[str | None] = []
         self.corrupt_once: set[str] = set()
         self.cut_once: dict[str, int] = {}  # path -> bytes sent before the connection is closed
+        self.slow: dict[str, float] = {}  # path -> seconds to wait before each 64 KiB of its body
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -228,4 +230,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self.wfile.write(body)
+        delay = self.hub.slow.get(name)
+        if not delay:
+            self.wfile.write(body)
+            return
+        for offset in range(0, len(body), 65536):
+            time.sleep(delay)  # a slow link, so a test can watch the transfer run
+            self.wfile.write(body[offset : offset + 65536])

@@ -5,10 +5,11 @@ import { track } from "./changes.js";
 import { h } from "./dom.js";
 import * as overview from "./pages/overview.js";
 import * as models from "./pages/models.js";
+import * as nodes from "./pages/nodes.js";
 import * as operations from "./pages/operations.js";
 import * as requests from "./pages/requests.js";
 
-const PAGES = { overview, models, operations, requests };
+const PAGES = { overview, nodes, models, operations, requests };
 
 // What the feed last said, and who wants to know when it changes.
 export const store = {
