@@ -111,3 +111,30 @@ def test_hugging_face_pulls_need_a_vllm_node_with_an_agent(tmp_path):
         assert http.get("/admin/nodes/plain/manifest").status_code == 409
         view = node(http, "plain")
         assert (view["agent"], view["hardware"], view["runtime"], view["alerts"]) == (False, None, None, [])
+
+
+def test_a_hugging_face_pull_can_be_cancelled_and_retried(tmp_path):
+    port = free_port()
+    with FakeHub() as hub, running_proxy(proxy_config(tmp_path)) as proxy, admin(proxy) as http:
+        hub.repos["acme/slow"] = tiny_repo(1_500_000)
+        hub.slow["model.safetensors"] = 0.1  # about 2.5 s for the weights
+        with running_agent(tmp_path, name="gpu-c", runtime="vllm", runtime_url=f"http://127.0.0.1:{port}",
+                           proxy_url=proxy.url, run=sim_command(port), config="heartbeat_interval: 0.5\n"
+                           "disk: {min_free_gb: 0}\n", env={"HF_ENDPOINT": hub.url}) as agent:  # fmt: skip
+            assert wait_until(lambda: node(http, "gpu-c"), 60), agent.log()
+            started = http.post("/admin/models/pull", json={"model": "acme/slow", "source": "huggingface",
+                                                            "nodes": ["gpu-c"]})  # fmt: skip
+            op_id = started.json()["data"][0]["id"]
+            assert wait_until(lambda: "model.safetensors" in http.get(f"/admin/operations/{op_id}").json()["status"],
+                              30)  # fmt: skip
+            assert wait_until(lambda: node(http, "gpu-c")["downloading"], 10)
+            cancelled = http.delete(f"/admin/operations/{op_id}").json()
+            assert cancelled["state"] == "cancelled"
+            # The agent stops at its next chunk (or file) and records nothing.
+            assert http.get("/admin/nodes/gpu-c/manifest").json()["data"] == []
+            retried = http.post(f"/admin/operations/{op_id}/retry")
+            assert retried.status_code == 202, retried.text
+            done = wait_op(http, op_id, timeout=60)
+            assert done["state"] == "succeeded", done
+            assert done["completed"] == done["total"] > 1_500_000
+            assert [m["model"] for m in http.get("/admin/nodes/gpu-c/manifest").json()["data"]] == ["acme/slow"]

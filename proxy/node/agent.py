@@ -285,13 +285,12 @@ async def _hf_pull(agent: Agent, request: Request) -> Response:
     lines: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     cancelled = threading.Event()
-    last = [0.0]
+    last = [0.0, ""]
 
     def progress(completed: int, total: int, status: str) -> None:
         now = time.monotonic()
-        final = status == "success" or not status.startswith("downloading")
-        if final or now - last[0] >= 0.2:  # a line per chunk would swamp the proxy on a fast link
-            last[0] = now
+        if status != last[1] or now - last[0] >= 0.2:  # a line per chunk would swamp the proxy on a fast link
+            last[0], last[1] = now, status
             line = {"status": status, "digest": "huggingface", "total": total, "completed": completed}
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
