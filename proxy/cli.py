@@ -247,11 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="the node's name at the proxy")
     node.add_argument("--runtime", choices=["ollama", "vllm"])
     node.add_argument("--runtime-url", help="where the runtime's API answers, e.g. http://127.0.0.1:8000")
-    node.add_argument("--listen", type=_listen, default=("0.0.0.0", 8090), metavar="HOST:PORT",
-                      help="the agent's own address (default 0.0.0.0:8090; port 0 picks a free one)")
+    node.add_argument(
+        "--listen",
+        type=_listen,
+        default=("0.0.0.0", 8090),
+        metavar="HOST:PORT",
+        help="the agent's own address (default 0.0.0.0:8090; port 0 picks a free one)",
+    )
     node.add_argument("--advertise", help="the URL the proxy should use for the agent (default: from --listen)")
-    node.add_argument("--models-dir", default=DEFAULT_MODELS_DIR,
-                      help=f"the Hugging Face cache the agent fills (default {DEFAULT_MODELS_DIR})")
+    node.add_argument(
+        "--models-dir",
+        default=DEFAULT_MODELS_DIR,
+        help=f"the Hugging Face cache the agent fills (default {DEFAULT_MODELS_DIR})",
+    )
     node.add_argument("--run", help="the runtime's command line, supervised as the agent's child")
     node.add_argument("--systemd-unit", help="drive this systemd unit instead (start, restart, status)")
     node.add_argument("--log-file", help="the runtime's output with --run (default MODELS_DIR/runtime.log)")

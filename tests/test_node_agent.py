@@ -13,8 +13,16 @@ import httpx
 
 from proxy.node import hardware
 from proxy.sim import ModelSpec, SimOllama
-from tests.node_support import (ADMIN_KEY, NODE_TOKEN, alive, free_port, running_agent, sim_command, stop_agent,
-                                wait_until)  # fmt: skip
+from tests.node_support import (
+    ADMIN_KEY,
+    NODE_TOKEN,
+    alive,
+    free_port,
+    running_agent,
+    sim_command,
+    stop_agent,
+    wait_until,  # fmt: skip
+)
 from tests.support import running_proxy
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_fake import FakeHub, tiny_repo  # first: it sets the client's environment before any import of it
-
 from proxy.node.config import DiskLimits  # noqa: E402
 from proxy.node.huggingface import MANIFEST, Cancelled, HubClient, HubError, check_disk, repo_folder  # noqa: E402
+from tests.hub_fake import FakeHub, tiny_repo  # first: it sets the client's environment before any import of it
 
 REPO = "acme/tiny"
 

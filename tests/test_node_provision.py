@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.hub_fake import FakeHub, Repo, tiny_repo  # first: the client's environment
-
 from tests.node_support import free_port, running_agent, sim_command, wait_until  # noqa: E402
 from tests.support import running_proxy  # noqa: E402
 from tests.test_admin_pull import wait_op  # noqa: E402

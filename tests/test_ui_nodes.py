@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.hub_fake import FakeHub, tiny_repo  # first: the client's environment
-
 from tests.node_support import free_port, running_agent, sim_command, wait_until  # noqa: E402
 from tests.support import running_proxy  # noqa: E402
 from tests.ui_support import WIDE, XSS, browser, need_browser, shoot  # noqa: E402

@@ -234,7 +234,8 @@ class HubClient:
         refetched = []
         for index, item in enumerate(plan.files, 1):
             status = f"downloading {item.path} ({index} of {len(plan.files)})"
-            recorder.sink = staticmethod(lambda n, base=done, s=status: progress(base + min(n, item.size), total, s))
+            recorder.sink = staticmethod(lambda n, base=done, s=status, size=item.size: progress(base + min(n, size),
+                                                                                               total, s))  # fmt: skip
             progress(done, total, status)
             for attempt in range(1, self.verify_attempts + 1):
                 if cancelled is not None and cancelled.is_set():

@@ -17,7 +17,9 @@ from .huggingface import HubClient
 
 
 def _gb(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 1e9:.1f} GB"
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _cell(value: object) -> str:

@@ -273,7 +273,9 @@ class Fleet:
             ops.append(self.manager.submit(Operation("pull", model, name, params)))
         return ops
 
-    async def delete_model(self, model: str, nodes, *, force: bool = False, source: str | None = None) -> list[Operation]:
+    async def delete_model(
+        self, model: str, nodes, *, force: bool = False, source: str | None = None
+    ) -> list[Operation]:
         if source is not None and source not in SOURCES:
             raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}", param="source")
         if source == "huggingface":

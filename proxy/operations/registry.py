@@ -108,9 +108,7 @@ class NodeRegistry:
         admin = self._admins.get(name)
         if admin is None:
             timeouts = self.parts.config.timeouts_for(config)
-            admin = self._admins[name] = OllamaAdmin(
-                config, timeouts, pull_idle=self.parts.config.pulls.idle_timeout
-            )
+            admin = self._admins[name] = OllamaAdmin(config, timeouts, pull_idle=self.parts.config.pulls.idle_timeout)
         return admin
 
     # --- changing -------------------------------------------------------------------------------
