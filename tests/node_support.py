@@ -80,7 +80,7 @@ def alive(pid: int) -> bool:
 @contextlib.contextmanager
 def running_agent(tmp_path: Path, *, name: str, runtime: str, runtime_url: str, proxy_url: str | None,
                   run: str | None = None, config: str | None = None, env: dict | None = None,
-                  models_dir: Path | None = None):  # fmt: skip
+                  models_dir: Path | None = None, systemd_unit: str | None = None):  # fmt: skip
     """The agent on a free port; stopped with SIGTERM at the end (SIGKILL if it hangs)."""
     models = models_dir or tmp_path / "models"
     argv = [sys.executable, "-m", "proxy", "node", "--name", name, "--runtime", runtime, "--runtime-url", runtime_url,
@@ -89,6 +89,8 @@ def running_agent(tmp_path: Path, *, name: str, runtime: str, runtime_url: str, 
         argv += ["--proxy", proxy_url]
     if run:
         argv += ["--run", run]
+    if systemd_unit:
+        argv += ["--systemd-unit", systemd_unit]
     if config:
         path = tmp_path / f"{name}-node.yaml"
         path.write_text(config)
