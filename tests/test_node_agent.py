@@ -137,3 +137,15 @@ def test_the_node_token_is_required_and_never_stored_in_the_clear(tmp_path):
             assert http.post("/admin/agents/nobody/heartbeat", json={}).status_code == 404
     rows = sqlite3.connect(tmp_path / "proxy.db").execute("SELECT spec FROM nodes").fetchall()
     assert rows and all(NODE_TOKEN not in spec and "sealed:v1:" in spec for (spec,) in rows)
+
+
+def test_the_agent_refuses_a_model_that_could_pass_for_an_option(tmp_path):
+    port = free_port()
+    with running_agent(tmp_path, name="gpu-o", runtime="vllm", runtime_url=f"http://127.0.0.1:{port}",
+                       proxy_url="http://127.0.0.1:1", run=sim_command(port), config=SUPERVISION) as agent:  # fmt: skip
+        with agent.client() as http:
+            for body in ({"model": "--trust-remote-code"}, {"model": "acme/x", "served_name": "../../x"}, {}):
+                refused = http.post("/runtime/activate", json=body)
+                assert refused.status_code == 400, refused.text
+            assert http.post("/hf/pull", json={"model": "not-a-repo"}).json()["error"]["param"] == "model"
+        assert agent.status()["runtime"]["restarts"] == 0

@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -51,6 +52,7 @@ TOKEN_ENV = "LLM_PROXY_NODE_TOKEN"
 ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
 _VERSION_PATHS = {"ollama": "/api/version", "vllm": "/version"}
 _REGISTER_RETRY = 2.0  # seconds between registration attempts while the proxy does not answer
+_ARGUMENT = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._:/@-]{1,256}")  # the rule of proxy/operations/activate.py
 
 
 @dataclass
@@ -334,8 +336,11 @@ async def _hf_delete(agent: Agent, request: Request) -> Response:
 async def _activate(agent: Agent, request: Request) -> Response:
     body = await _body(request)
     model, served = body.get("model"), body.get("served_name") or body.get("model")
-    if not isinstance(model, str) or not model or not isinstance(served, str):
-        raise InvalidRequest("model is required (a non-empty string)", param="model")
+    for key, value in (("model", model), ("served_name", served)):
+        # They become arguments of the runtime's command: nothing it could take for an option.
+        if not isinstance(value, str) or not _ARGUMENT.fullmatch(value):
+            raise InvalidRequest(f"{key} must be a model id or path: letters, digits and ._:/@- only, not starting "
+                                 "with - and without ..", param=key)  # fmt: skip
     if not isinstance(agent.supervisor, ChildSupervisor):
         raise Conflict(f"the runtime runs in {agent.supervisor.mode} mode; only a runtime started with --run can be "
                        "restarted onto another model by the agent", param="model")  # fmt: skip
