@@ -64,6 +64,7 @@ class FleetParts:
     feed: ChangeFeed
     history: Any = None  # proxy.history.History; None: admin actions are not recorded
     sealer: Sealer | None = None
+    bus: Any = None  # proxy.store.Bus: operation progress to the other replicas at once; None without one
 
 
 class Fleet:
@@ -74,7 +75,7 @@ class Fleet:
         self.audit = Audit(parts.history)
         self.registry = NodeRegistry(parts, NodeStore(self.store, parts.sealer))
         self.aliases = AliasOverrides(self.store, parts.resolver)
-        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit)
+        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit, bus=parts.bus)
         self.activator = Activator(self)
         self.manager.register("pull", self._after(PullRunner(self.registry, config.pulls)))
         self.manager.register("delete", self._after(DeleteRunner(self.registry)))

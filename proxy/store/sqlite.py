@@ -222,6 +222,12 @@ class SQLiteStore:
         )
         return [Change(s, t, k, orjson.loads(d) if d else None, o) for s, t, k, d, o in rows]
 
+    async def changes_of(self, topic: str) -> list[Change]:
+        rows = await self.db.fetchall(
+            "SELECT seq, topic, key, data, origin FROM fleet_changes WHERE topic = ? ORDER BY seq", (topic,)
+        )
+        return [Change(s, t, k, orjson.loads(d) if d else None, o) for s, t, k, d, o in rows]
+
     async def last_seq(self) -> int:
         row = await self.db.fetchone("SELECT COALESCE(MAX(seq), 0) FROM fleet_changes")
         return int(row[0])
