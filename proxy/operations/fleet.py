@@ -27,7 +27,7 @@ from typing import Any
 from ..backends.ollama import normalize
 from ..catalog import Catalog
 from ..config import BackendConfig, Config
-from ..errors import Conflict, InvalidRequest
+from ..errors import Conflict, InvalidRequest, StoreUnavailable
 from ..node_table import NodeTable
 from ..resolve import Resolver
 from ..storage.sealed import Sealer
@@ -114,7 +114,10 @@ class Fleet:
 
     async def catch_up(self) -> None:
         """Apply what other processes changed and this one has not read yet (before an admin read)."""
-        await self.feed.poll()
+        try:
+            await self.feed.poll()
+        except StoreUnavailable:
+            pass  # a read answers from what this process holds; a write fails on its own, with a 503
 
     async def settle(self) -> None:
         """Write this process's pending operation changes, so other processes see them (before a 202)."""
