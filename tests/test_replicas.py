@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import httpx
+import orjson
 import pytest
 
 from proxy.app import create_app
@@ -261,20 +262,97 @@ def test_without_redis_replicas_converge_by_polling(postgres, node, spare, tmp_p
         assert wait_for(lambda: chat(b, "phi3:mini").status_code != 200, 2)
 
 
-def test_losing_redis_keeps_traffic_and_says_so(postgres, node, spare, tmp_path):
+def redis_status(http: httpx.Client) -> dict:
+    return http.get("/admin/status").json()["redis"]
+
+
+def backend_state(http: httpx.Client, name: str) -> dict:
+    return next(b for b in http.get("/admin/status").json()["backends"] if b["name"] == name)
+
+
+def test_redis_shares_health_the_hot_cache_and_progress_even_with_postgres_away(postgres, redis_server, node, spare,
+                                                                               tmp_path):  # fmt: skip
+    config = replica_config(postgres, postgres.database(), node, tmp_path, redis_server)
+    config["health"].update({"cooldown": 30, "max_cooldown": 60})
+    config["routing"] = {"retries": 2}
+    config["backends"].append({"name": "flaky", "kind": "ollama", "url": spare.url, "weight": 1000})
+    config["models"].append({"name": "pair", "target": "phi3:mini", "backends": ["flaky", "n1"]})
+    node.models.append(ModelSpec("phi3:mini"))
+    with replicas(config) as (a, b):
+        assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 5)
+        assert chat(a, "pair").headers["x-proxy-backend"] == "flaky"
+
+        # Operation progress: a follower on b sees the pull run on a move, from the events Redis brings.
+        node.behavior.pull = PullBehavior(seconds=3)
+        events_before = redis_status(b)["received"]["events"]
+        pull = a.post("/admin/models/pull", json={"model": "gemma3:1b", "nodes": ["n1"]}).json()["data"][0]
+        frames = []
+        with b.stream("GET", f"/admin/operations/{pull['id']}/events") as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(orjson.loads(line[6:]))
+        assert frames[-1]["state"] == "succeeded"
+        fractions = [f["fraction"] for f in frames]
+        assert fractions == sorted(fractions) and len(set(fractions)) >= 3  # progress, never backwards
+        assert redis_status(b)["received"]["events"] > events_before
+
+        postgres.stop()
+        try:
+            # The hot cache: an answer stored by a is a hit on b, with no database to read it from.
+            first = chat(a, temperature=0, seed=4711)
+            assert first.status_code == 200 and first.headers.get("x-cache") != "HIT"
+            assert wait_for(lambda: chat(b, temperature=0, seed=4711).headers.get("x-cache") == "HIT", 3)
+            assert redis_status(b)["cache_hits"] >= 1
+
+            # Health: flaky dies; a pays one failed attempt, and b has it in cooldown without trying it.
+            spare.stop()
+            assert chat(a, "pair").headers["x-proxy-backend"] == "n1"
+            assert wait_for(lambda: backend_state(b, "flaky")["cooldown_seconds"] > 0, 3)
+            assert backend_state(b, "flaky")["state"] == "offline"
+            assert all(chat(b, "pair").headers["x-proxy-backend"] == "n1" for _ in range(N))
+            assert backend_state(b, "flaky")["consecutive_failures"] == 1  # b never tried it itself
+
+            # What needs the database answers a clear 503, in OpenAI's shape, with Retry-After.
+            refused = a.post("/admin/nodes", json={"name": "gpu-7", "kind": "ollama", "url": node.url})
+            assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+            assert refused.json()["error"]["code"] == "store_unavailable"
+            assert refused.json()["error"]["type"] == "api_error" and PASSWORD not in refused.text
+            assert a.post("/admin/nodes/n1/drain").status_code == 503
+            listed = a.get("/admin/nodes")  # reads answer from what the replica holds
+            assert listed.status_code == 200 and "gpu-7" not in {n["name"] for n in listed.json()["data"]}
+        finally:
+            postgres.start()
+        assert wait_for(lambda: a.post("/admin/nodes/n1/drain").status_code == 200, 20)
+        assert a.post("/admin/nodes/n1/resume").status_code == 200
+
+
+def test_losing_redis_keeps_traffic_and_says_so(postgres, node, spare, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
     own = Redis()  # this test kills it
     try:
         config = replica_config(postgres, postgres.database(), node, tmp_path, own)
         with replicas(config) as (a, b):
-            assert wait_for(lambda: b.get("/admin/status").json()["redis"]["state"] == "up", 5)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 5)
             own.stop()
-            assert wait_for(lambda: all(h.get("/admin/status").json()["redis"]["state"] == "down" for h in (a, b)), 10)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "down" for h in (a, b)), 10)
+            assert all(redis_status(h)["fallback"] for h in (a, b))
+            assert [r for r in caplog.records if r.name == "llm_proxy.redis" and "not answering" in r.getMessage()]
             assert all(chat(h).status_code == 200 for h in (a, b) for _ in range(4))
+            # The cache goes on, local and in the database: b finds a's answer once it is written.
+            first = chat(a, temperature=0, seed=99)
+            assert first.status_code == 200 and chat(a, temperature=0, seed=99).headers.get("x-cache") == "HIT"
+            assert wait_for(lambda: chat(b, temperature=0, seed=99).headers.get("x-cache") == "HIT", 5)
             # Changes still travel, through the database.
             assert a.post("/admin/nodes", json={"name": "gpu-9", "kind": "ollama", "url": spare.url}).status_code == 201
             assert wait_for(lambda: chat(b, "phi3:mini").status_code == 200, 3)
             own.start()
-            assert wait_for(lambda: all(h.get("/admin/status").json()["redis"]["state"] == "up" for h in (a, b)), 10)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 10)
+            assert all(redis_status(h)["fallback"] is None for h in (a, b))
+            # And shares again: a new answer of a is a hit on b at once, from Redis.
+            hits = redis_status(b)["cache_hits"]
+            assert chat(a, temperature=0, seed=100).status_code == 200
+            assert wait_for(lambda: chat(b, temperature=0, seed=100).headers.get("x-cache") == "HIT", 3)
+            assert redis_status(b)["cache_hits"] > hits
     finally:
         own.close()
 
