@@ -164,16 +164,13 @@ def test_an_activation_applies_in_every_worker(fleet):
 
 def test_an_operation_is_read_followed_cancelled_and_retried_from_any_worker(fleet, sims):
     node = sims["n2"]
-    node.behavior.pull = PullBehavior(seconds=2.5)
+    node.behavior.pull = PullBehavior(seconds=4)
     answer = fresh(fleet, "POST", "/admin/models/pull", json={"model": "gemma3:1b", "nodes": ["n2"]})
     assert answer.status_code == 202, answer.text
     op_id = answer.json()["data"][0]["id"]
-    found = reads(fleet, f"/admin/operations/{op_id}")
-    assert sum(r.status_code == 200 and r.json()["id"] == op_id for r in found) == N
-    listed = reads(fleet, "/admin/operations?kind=pull&limit=5")
-    assert sum(op_id in {o["id"] for o in r.json()["data"]} for r in listed) == N
 
     # Followed over SSE from fresh connections (both workers): every stream sees progress and the end.
+    # Opened first, so the counted reads below cannot outlast the pull on a loaded machine.
     streams: list[list[dict]] = [[] for _ in range(4)]
 
     def follow(frames: list[dict]) -> None:
@@ -186,6 +183,10 @@ def test_an_operation_is_read_followed_cancelled_and_retried_from_any_worker(fle
     threads = [threading.Thread(target=follow, args=(frames,)) for frames in streams]
     for thread in threads:
         thread.start()
+    found = reads(fleet, f"/admin/operations/{op_id}")
+    assert sum(r.status_code == 200 and r.json()["id"] == op_id for r in found) == N
+    listed = reads(fleet, "/admin/operations?kind=pull&limit=5")
+    assert sum(op_id in {o["id"] for o in r.json()["data"]} for r in listed) == N
     for thread in threads:
         thread.join(30)
     for frames in streams:
@@ -255,19 +256,38 @@ def test_pull_limits_hold_across_workers(fleet, sims):
 def test_a_killed_workers_operation_becomes_interrupted_and_can_be_retried(fleet, sims):
     node = sims["n2"]
     node.behavior.pull = PullBehavior(seconds=60)
+    started = node.pull_stats()["started"]
     op = fresh(fleet, "POST", "/admin/models/pull", json={"model": "big:70b", "nodes": ["n2"]}).json()["data"][0]
     assert wait_for(lambda: node.pull_stats()["active"] == 1, 5)
     os.kill(runner_pid(fleet, op["id"]), signal.SIGKILL)
     ended = wait_op(fleet, op["id"], timeout=30)
+    # Marked interrupted by the surviving worker once the lease lapsed; nobody took it over on its own.
     assert ended["state"] == "interrupted" and "retry" in ended["error"]
-    node.behavior.pull = PullBehavior(seconds=0.3)
-    assert wait_for(lambda: fresh(fleet, "POST", f"/admin/operations/{op['id']}/retry").status_code == 202, 20)
+    assert node.pull_stats()["started"] == started + 1
+    node.behavior.pull = PullBehavior(seconds=1)
+    # Retried from both workers at once: the lease (a claim on the row) lets one of them run it.
+    answers: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def retry() -> None:
+        barrier.wait()
+        answers.append(fresh(fleet, "POST", f"/admin/operations/{op['id']}/retry").status_code)
+
+    retries = [threading.Thread(target=retry) for _ in range(4)]
+    for thread in retries:
+        thread.start()
+    for thread in retries:
+        thread.join(30)
+    assert sorted(answers) == [202, 409, 409, 409], answers
     assert wait_op(fleet, op["id"])["state"] == "succeeded"
+    assert node.pull_stats()["started"] == started + 2  # one runner for the retry
 
 
-@pytest.mark.xfail(strict=False, reason="passes when tests/test_workers.py runs alone; in the whole suite's order the "
-                   "second worker did not show the shared cooldown within 15 s: cause not yet found (issue 11)")
 def test_a_dead_node_costs_one_failed_attempt_in_the_whole_fleet(fleet, sims):
+    # Both workers up: the one killed by the test before is restarted by uvicorn, which takes a while
+    # on a loaded machine; it must learn the cooldown even if it comes up after it was published.
+    assert wait_for(lambda: len({fresh(fleet, "GET", "/admin/status").json()["process"]["pid"]
+                                 for _ in range(10)}) == 2, 40)  # fmt: skip
     sims["flaky"].stop()  # "pair" prefers flaky (weight 1000); it is gone now
     first = chat(fleet, "pair")
     assert first.status_code == 200 and first.headers["x-proxy-backend"] == "n1"
@@ -278,16 +298,7 @@ def test_a_dead_node_costs_one_failed_attempt_in_the_whole_fleet(fleet, sims):
         return all(s["state"] == "offline" and s["cooldown_seconds"] > 0 for s in states)
 
     # The other worker never tried flaky, yet shows it in cooldown: it learned it from the store.
-    ok = wait_for(offline_everywhere, 15)
-    if not ok:
-        import collections
-        seen = collections.Counter()
-        for _ in range(10):
-            st = fresh(fleet, "GET", "/admin/status").json()
-            b = next(b for b in st["backends"] if b["name"] == "flaky")
-            seen[(st["process"]["pid"], b["state"], b["cooldown_seconds"], b["consecutive_failures"], b["last_error"])] += 1
-        print("DEBUG", seen, fleet["proc"].pid)
-    assert ok
+    assert wait_for(offline_everywhere, 15)  # about a second when the machine is idle
     answers = [chat(fleet, "pair") for _ in range(N)]
     assert sum(r.status_code == 200 and r.headers["x-proxy-backend"] == "n1" for r in answers) == N
 
