@@ -380,3 +380,33 @@ def test_losing_postgres_keeps_serving_and_writes_the_history_when_it_returns(po
         assert wait_for(written, 20)  # buffered while the server was away, written once it came back
         history = a.get("/admin/history/requests?limit=1000").json()["data"]
         assert all(r["status"] == "ok" for r in history if r["id"] in ids)
+
+
+def test_the_postgresql_schema_is_the_sqlite_one_translated(postgres, tmp_path):
+    """pg_schema derives from migrations.py: the same tables, the same columns in the same order."""
+    from proxy.storage import Database
+    from proxy.storage.postgres import PostgresDatabase
+
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{postgres.database()}"
+
+    async def columns() -> tuple[dict, dict]:
+        pg = await PostgresDatabase.open(url)
+        lite = await Database.open(str(tmp_path / "p.db"))
+        try:
+            rows = await pg.fetchall("SELECT table_name, column_name FROM information_schema.columns WHERE "
+                                     "table_schema = 'public' AND table_name <> 'llm_proxy_schema' "
+                                     "ORDER BY table_name, ordinal_position")  # fmt: skip
+            on_pg: dict = {}
+            for table, column in rows:
+                on_pg.setdefault(table, []).append(column)
+            tables = await lite.fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                         "'sqlite_%' ORDER BY name")  # fmt: skip
+            on_sqlite = {t: [c[1] for c in await lite.fetchall(f"PRAGMA table_info({t})")] for (t,) in tables}
+            return on_pg, on_sqlite
+        finally:
+            await pg.close()
+            await lite.close()
+
+    on_pg, on_sqlite = asyncio.run(columns())
+    assert on_pg == on_sqlite and "fleet_changes" in on_pg
+    assert on_pg["model_operations"][-1] == "lease_until"
