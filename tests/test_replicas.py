@@ -370,6 +370,9 @@ def test_losing_postgres_keeps_serving_and_writes_the_history_when_it_returns(po
                       if line.startswith("llm_proxy_history_rows_")}  # fmt: skip
             assert gauges["llm_proxy_history_rows_buffered"] >= N  # kept in memory while the server is away
             assert gauges["llm_proxy_history_rows_dropped"] == 0
+            listing = a.get("/admin/history/requests")  # needs the database: a clear 503, not a 500
+            assert listing.status_code == 503 and listing.json()["error"]["code"] == "store_unavailable"
+            assert int(listing.headers["retry-after"]) >= 1
         finally:
             postgres.start()
 
