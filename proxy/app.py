@@ -18,6 +18,7 @@ from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, anthropic_error_response, error_response, internal_error
 from .gateway import Gateway
 from .ingress import ANTHROPIC, count_tokens
+from .installable import Installable
 from .middleware import ANTHROPIC_PREFIX, AdminAuth, APIKeyAuth, UnexpectedErrors
 from .services import Services
 
@@ -110,13 +111,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        services = await Services.open(config)
-        await services.start()
-        app.state.services = services
+        # Read first: a bad catalog.file stops the start before anything else is opened.
+        app.state.installable = installable = await Installable.open(config.catalog)
         try:
-            yield
+            services = await Services.open(config)
+            await services.start()
+            app.state.services = services
+            try:
+                yield
+            finally:
+                await services.close()
         finally:
-            await services.close()
+            await installable.aclose()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -323,6 +323,30 @@ class DistributionConfig:
     schedule: str = field(default="", metadata=_check(_cron))
 
 
+def _optional_http_url(value: str) -> str | None:
+    return None if not value else _http_url(value)
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """Where GET /admin/catalog learns what can be installed (proxy/installable)."""
+
+    # The Ollama library (its /search page) and the Hugging Face API (/api/models). Empty: that
+    # source is not asked and the shipped file answers for it, as it does when the source fails.
+    ollama_url: str = field(default="https://ollama.com", metadata=_check(_optional_http_url))
+    huggingface_url: str = field(default="https://huggingface.co", metadata=_check(_optional_http_url))
+    # The Hub's filter= (a pipeline tag or library); empty: no filter.
+    huggingface_filter: str = "text-generation"
+    # A catalog file in the shipped file's format, used instead of it. Empty: the shipped one.
+    file: str = ""
+    # Seconds an answer from a source is kept in memory, and an offline answer (the source failed)
+    # before the source is asked again.
+    ttl: float = field(default=3600.0, metadata=_check(_positive))
+    offline_ttl: float = field(default=60.0, metadata=_check(_positive))
+    # Seconds a source may take (connect and whole answer) before the shipped file answers instead.
+    timeout: float = field(default=5.0, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
@@ -337,6 +361,7 @@ class Config:
     pulls: PullConfig = PullConfig()
     distribution: DistributionConfig = DistributionConfig()
     redis: RedisConfig = RedisConfig()
+    catalog: CatalogConfig = CatalogConfig()
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
 
@@ -635,4 +660,6 @@ def anchor_paths(config: Config, base: str | os.PathLike) -> Config:
     storage = dataclasses.replace(config.storage, path=_anchored(config.storage.path, base), key_path=key_path)
     distribution = dataclasses.replace(config.distribution,
                                        manifest_path=_anchored(config.distribution.manifest_path, base))  # fmt: skip
-    return dataclasses.replace(config, storage=storage, distribution=distribution)
+    catalog_file = _anchored(config.catalog.file, base) if config.catalog.file else ""
+    catalog = dataclasses.replace(config.catalog, file=catalog_file)
+    return dataclasses.replace(config, storage=storage, distribution=distribution, catalog=catalog)

@@ -68,6 +68,8 @@ def demo_config(ollama_url: str, vllm_url: str, host: str, port: int, storage: s
             "server": {"host": host, "port": port},
             "storage": {"path": storage},
             "routing": {"default_model": "chat"},
+            # The demo stays on this machine: the catalog answers from the shipped file alone.
+            "catalog": {"ollama_url": "", "huggingface_url": ""},
             "distribution": {
                 "tiers": [
                     {"min_gpu_memory_gb": 16, "models": ["llama3.1:8b", "qwen3:4b"]},
@@ -78,9 +80,19 @@ def demo_config(ollama_url: str, vllm_url: str, host: str, port: int, storage: s
             },
             "backends": [*ollama_nodes, {"name": "sim-vllm", "kind": "vllm", "url": vllm_url}],
             "models": [
-                {"name": "chat", "target": "llama3.1:8b", "backends": ["sim-ollama"], "capabilities": ["chat", "tools"]},
+                {
+                    "name": "chat",
+                    "target": "llama3.1:8b",
+                    "backends": ["sim-ollama"],
+                    "capabilities": ["chat", "tools"],
+                },
                 {"name": "small", "target": "gemma3:1b", "capabilities": ["chat"], "preference": 200},
-                {"name": "qwen", "target": "qwen2.5-7b", "backends": ["sim-vllm"], "capabilities": ["code", "reasoning"]},
+                {
+                    "name": "qwen",
+                    "target": "qwen2.5-7b",
+                    "backends": ["sim-vllm"],
+                    "capabilities": ["code", "reasoning"],
+                },
                 {"name": "embed", "target": "nomic-embed-text", "capabilities": ["embedding"]},
             ],
         },

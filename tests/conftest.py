@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 
 import httpx
 import openai
@@ -80,3 +82,39 @@ def _logging_left_as_found():
         logger.setLevel(level)
         logger.handlers[:] = handlers
         logger.propagate = propagate
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def _is_loopback(host) -> bool:
+    if host is None:  # a passive (listening) lookup
+        return True
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    host = str(host).strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host in ("", "0.0.0.0", "::"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_leaves_loopback():
+    """The suite never reaches beyond this machine: a name lookup of anything but loopback fails at once
+    (as it would offline), and the session fails at its end, naming what was asked for."""
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        if not _is_loopback(host):
+            asked.append(str(host))
+            raise socket.gaierror(socket.EAI_NONAME, f"tests stay on loopback; refused lookup of {host}")
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = guarded
+    yield
+    socket.getaddrinfo = real
+    assert not asked, f"the tests tried to reach beyond loopback: {sorted(set(asked))}"

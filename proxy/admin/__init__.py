@@ -5,7 +5,7 @@ Access is checked by :class:`proxy.middleware.AdminAuth` before any handler runs
 
 from starlette.routing import Route
 
-from . import events, nodes, operations, records, stats, status
+from . import catalog, events, nodes, operations, records, stats, status
 
 
 def routes() -> list[Route]:
@@ -19,6 +19,8 @@ def routes() -> list[Route]:
         Route("/admin/history/requests", records.list_requests, methods=["GET"]),
         Route("/admin/history/requests/{id}", records.get_request, methods=["GET"]),
         Route("/admin/cache", records.purge_cache, methods=["DELETE"]),
+        # What can be installed (proxy/installable), with whether it fits each node's GPU.
+        Route("/admin/catalog", catalog.installable, methods=["GET"]),
         # Nodes, pulls, sync, activation (proxy/operations). The fixed /admin/models/... paths come
         # before DELETE /admin/models/{model:path}, which would otherwise take any name.
         Route("/admin/nodes", nodes.list_nodes, methods=["GET"]),

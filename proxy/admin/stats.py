@@ -109,18 +109,20 @@ async def traffic(request: Request) -> Response:
     start = until - size * step
     db = request.app.state.services.db
     rows = await db.fetchall(
-        # Integer division of integers truncates alike in SQLite and PostgreSQL (a CAST of a fraction rounds
-        # on PostgreSQL, which would put late requests in the next bucket).
-        f"SELECT (CAST(started_at AS INTEGER) - ?) / ? AS bucket, {_KEYS[by]} AS key, {_BIN} AS bin, COUNT(*), "
+        # Integer division of integers truncates alike in SQLite and PostgreSQL, but a CAST of a fraction
+        # truncates in SQLite and rounds in PostgreSQL: casting milliseconds keeps that rounding below a
+        # millisecond, where the clamp below catches the one case it could matter (the last bucket).
+        f"SELECT (CAST(started_at * 1000 AS BIGINT) - ?) / ? AS bucket, {_KEYS[by]} AS key, {_BIN} AS bin, COUNT(*), "
         "SUM(COALESCE(completion_tokens, 0)), SUM(cache_hit) FROM requests "
         "WHERE started_at >= ? AND started_at < ? AND endpoint LIKE '/v1/%' AND status != 'in_progress' "
         "GROUP BY bucket, key, bin",
-        (int(start), int(step), start, until),
+        (int(start) * 1000, int(step) * 1000, start, until),
     )
     total = _Series("all", size)
     per_key: dict[str, _Series] = {}
     for bucket, key, bin_index, count, tokens, hits in rows:
-        if not 0 <= bucket < size:
+        bucket = min(bucket, size - 1)
+        if bucket < 0:
             continue
         total.add(bucket, bin_index, count, tokens or 0, hits or 0)
         if by != "none":
