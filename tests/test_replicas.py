@@ -38,10 +38,13 @@ N = 12
 
 _PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 pytestmark = [
-    pytest.mark.skipif(not _PG_BIN, reason="PostgreSQL is not installed (apt-get install postgresql): "
-                                           "replica tests skipped"),  # fmt: skip
-    pytest.mark.skipif(shutil.which("redis-server") is None,
-                       reason="redis-server is not installed (apt-get install redis-server): replica tests skipped"),
+    pytest.mark.skipif(
+        not _PG_BIN, reason="PostgreSQL is not installed (apt-get install postgresql): replica tests skipped"
+    ),  # fmt: skip
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None,
+        reason="redis-server is not installed (apt-get install redis-server): replica tests skipped",
+    ),
 ]
 
 
@@ -163,8 +166,10 @@ def spare():
 
 def replica_config(postgres: Postgres, db: str, node: SimOllama, tmp_path, redis: Redis | None) -> dict:
     config = {
-        "storage": {"url": f"postgresql://postgres:${{LLM_TEST_PG_PASSWORD}}@127.0.0.1:{postgres.port}/{db}",
-                    "key_path": str(tmp_path / "proxy.key")},  # fmt: skip
+        "storage": {
+            "url": f"postgresql://postgres:${{LLM_TEST_PG_PASSWORD}}@127.0.0.1:{postgres.port}/{db}",
+            "key_path": str(tmp_path / "proxy.key"),
+        },  # fmt: skip
         "timeouts": {"connect": 1, "first_byte": 5, "idle": 5},
         "health": {"interval": 30},
         "pulls": {"backoff": 0.02},

@@ -200,7 +200,9 @@ def test_an_operation_is_read_followed_cancelled_and_retried_from_any_worker(fle
     cancelled = []
     for model in ("m1:1b", "m2:1b", "m3:1b", "m4:1b"):
         op = fresh(fleet, "POST", "/admin/models/pull", json={"model": model, "nodes": ["n2"]}).json()["data"][0]
-        assert wait_for(lambda op=op: fresh(fleet, "GET", f"/admin/operations/{op['id']}").json()["state"] == "running", 5)
+        assert wait_for(
+            lambda op=op: fresh(fleet, "GET", f"/admin/operations/{op['id']}").json()["state"] == "running", 5
+        )
         stopped = fresh(fleet, "DELETE", f"/admin/operations/{op['id']}")
         assert stopped.status_code == 200, stopped.text
         cancelled.append(op["id"])

@@ -106,8 +106,7 @@ class PostgresDatabase:
             raise RuntimeError("storage.url names PostgreSQL, which needs asyncpg: "
                                "pip install 'llm-proxy[postgres]'") from None  # fmt: skip
         try:
-            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=10,
-                                             timeout=5)
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5)
         except Exception as exc:
             # asyncpg's messages name host and user, never the password; the URL is redacted all the same.
             raise RuntimeError(f"cannot connect to PostgreSQL at {redact(url)}: {type(exc).__name__}: "
