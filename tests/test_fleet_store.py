@@ -248,3 +248,40 @@ def test_a_process_started_after_a_failure_has_the_node_in_cooldown_without_tryi
                 answers = [httpx.post(f"{second.url}/v1/chat/completions", json=body, timeout=20) for _ in range(6)]
                 assert all(a.headers["x-proxy-attempts"] == "1" and a.headers["x-proxy-backend"] == "good"
                            for a in answers)  # fmt: skip
+
+
+def test_progress_from_the_bus_and_the_store_never_goes_backwards():
+    """Redis brings a runner's progress at once, the store's row a little later: the older one is ignored."""
+    from proxy.config import PullConfig
+    from proxy.operations.manager import OperationManager
+    from proxy.operations.model import Operation
+    from proxy.operations.store import to_row
+    from proxy.store.base import PROGRESS, Change
+
+    class Bus:
+        def __init__(self) -> None:
+            self.handlers = {}
+
+        def on(self, topic, handler) -> None:
+            self.handlers[topic] = handler
+
+    async def main():
+        bus = Bus()
+        manager = OperationManager(PullConfig(), bus=bus)
+        op = Operation("pull", "llama3.1:8b", "n1", state="running")
+        manager.ops[op.id] = follower = Operation(**{**op.__dict__})
+        queue = manager.subscribe(op.id)
+
+        def event(**fields) -> Change:
+            return Change(0, PROGRESS, op.id, to_row(Operation(**{**op.__dict__, **fields})), "other")
+
+        bus.handlers[PROGRESS](event(fraction=0.5, completed=50, total=100))
+        assert follower.fraction == 0.5 and queue.get_nowait()["fraction"] == 0.5
+        manager._take(Operation(**{**op.__dict__, "fraction": 0.3, "completed": 30, "total": 100}))  # the store, late
+        assert follower.fraction == 0.5 and queue.empty()
+        bus.handlers[PROGRESS](event(state="succeeded", fraction=1.0, completed=100, total=100))
+        assert follower.state == "succeeded" and queue.get_nowait()["state"] == "succeeded"
+        manager._take(Operation(**{**op.__dict__, "state": "queued"}))  # a retry after the end: news again
+        assert follower.state == "queued"
+
+    asyncio.run(main())
