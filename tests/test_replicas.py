@@ -275,6 +275,17 @@ def backend_state(http: httpx.Client, name: str) -> dict:
     return next(b for b in http.get("/admin/status").json()["backends"] if b["name"] == name)
 
 
+def in_redis(server: Redis) -> int:
+    """Answers the hot cache holds (a put is sent in the background: a lookup at once may beat it)."""
+    import redis
+
+    client = redis.Redis(port=server.port, socket_connect_timeout=1)
+    try:
+        return len(client.keys("llm-proxy:cache:*"))
+    finally:
+        client.close()
+
+
 def test_redis_shares_health_the_hot_cache_and_progress_even_with_postgres_away(postgres, redis_server, node, spare,
                                                                                tmp_path):  # fmt: skip
     config = replica_config(postgres, postgres.database(), node, tmp_path, redis_server)
@@ -304,10 +315,12 @@ def test_redis_shares_health_the_hot_cache_and_progress_even_with_postgres_away(
         postgres.stop()
         try:
             # The hot cache: an answer stored by a is a hit on b, with no database to read it from.
+            stored = in_redis(redis_server)
             first = chat(a, temperature=0, seed=4711)
             assert first.status_code == 200 and first.headers.get("x-cache") != "HIT"
-            assert wait_for(lambda: chat(b, temperature=0, seed=4711).headers.get("x-cache") == "HIT", 3)
-            assert redis_status(b)["cache_hits"] >= 1
+            assert wait_for(lambda: in_redis(redis_server) > stored, 3)
+            assert chat(b, temperature=0, seed=4711).headers.get("x-cache") == "HIT"
+            assert redis_status(b)["cache_hits"] == 1
 
             # Health: flaky dies; a pays one failed attempt, and b has it in cooldown without trying it.
             spare.stop()
@@ -354,10 +367,11 @@ def test_losing_redis_keeps_traffic_and_says_so(postgres, node, spare, tmp_path,
             assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 10)
             assert all(redis_status(h)["fallback"] is None for h in (a, b))
             # And shares again: a new answer of a is a hit on b at once, from Redis.
-            hits = redis_status(b)["cache_hits"]
+            hits, stored = redis_status(b)["cache_hits"], in_redis(own)
             assert chat(a, temperature=0, seed=100).status_code == 200
-            assert wait_for(lambda: chat(b, temperature=0, seed=100).headers.get("x-cache") == "HIT", 3)
-            assert redis_status(b)["cache_hits"] > hits
+            assert wait_for(lambda: in_redis(own) > stored, 3)
+            assert chat(b, temperature=0, seed=100).headers.get("x-cache") == "HIT"
+            assert redis_status(b)["cache_hits"] == hits + 1
     finally:
         own.close()
 
