@@ -52,6 +52,8 @@ class Exchange:
         record = self.record
         record.requested_model = body.get("model") if isinstance(body.get("model"), str) else None
         record.stream = bool(body.get("stream"))
+        if self.history.capture_bodies:  # history.capture_bodies: off by default, bodies may hold personal data
+            record.request_body = orjson.dumps(body)
         self.history.begin(record)
 
     def answered(self, outcome: Outcome, waited: float) -> None:
@@ -80,6 +82,9 @@ class Exchange:
         ]
 
     def tokens_from_body(self, body: bytes) -> None:
+        """Token counts from a whole answer (a backend's, or the cache's); also kept as the response body."""
+        if self.history.capture_bodies:
+            self.record.response_body = body
         try:
             usage = orjson.loads(body).get("usage")
         except (orjson.JSONDecodeError, AttributeError):
@@ -92,12 +97,18 @@ class Exchange:
         With a ``tap`` (proxy/usage.py) its numbers count: it sees the backend's usage even when it
         keeps it from the client, and counts when the backend sent none.
         """
+        kept = bytearray() if self.history.capture_bodies else None
+        limit = self.history.max_body_bytes
         try:
             async for frame in frames:
                 if tap is None and (b'"usage":{' in frame or b'"usage": {' in frame):
                     self._usage_from_frame(frame)
+                if kept is not None and len(kept) < limit:
+                    kept += frame[: limit - len(kept)]
                 yield frame
         finally:
+            if kept is not None:
+                self.record.response_body = bytes(kept)  # the SSE frames as sent, up to max_body_bytes
             if tap is not None:
                 prompt, completion = tap.tokens
                 if prompt is not None:

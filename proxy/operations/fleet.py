@@ -27,7 +27,7 @@ from typing import Any
 from ..backends.ollama import normalize
 from ..catalog import Catalog
 from ..config import BackendConfig, Config
-from ..errors import Conflict, InvalidRequest
+from ..errors import Conflict, InvalidRequest, StoreUnavailable
 from ..node_table import NodeTable
 from ..resolve import Resolver
 from ..storage.sealed import Sealer
@@ -66,6 +66,7 @@ class FleetParts:
     feed: ChangeFeed
     history: Any = None  # proxy.history.History; None: admin actions are not recorded
     sealer: Sealer | None = None
+    bus: Any = None  # proxy.store.Bus: operation progress to the other replicas at once; None without one
 
 
 class Fleet:
@@ -76,7 +77,7 @@ class Fleet:
         self.audit = Audit(parts.history)
         self.registry = NodeRegistry(parts, NodeStore(self.store, parts.sealer))
         self.aliases = AliasOverrides(self.store, parts.resolver)
-        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit)
+        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit, bus=parts.bus)
         self.activator = Activator(self)
         self.agents = AgentLinks(self)
         self.manager.register("pull", self._after(BySource(PullRunner(self.registry, config.pulls),
@@ -123,7 +124,10 @@ class Fleet:
 
     async def catch_up(self) -> None:
         """Apply what other processes changed and this one has not read yet (before an admin read)."""
-        await self.feed.poll()
+        try:
+            await self.feed.poll()
+        except StoreUnavailable:
+            pass  # a read answers from what this process holds; a write fails on its own, with a 503
 
     async def settle(self) -> None:
         """Write this process's pending operation changes, so other processes see them (before a 202)."""
