@@ -29,12 +29,20 @@ rows, least recently used evicted). Writes are write-behind: :meth:`put` returns
 at once and a background task inserts batches. Several workers share the file: a
 purge bumps ``cache_generation``, which every process polls about twice a second
 and on a change empties its memory front.
+
+Shared front. With a bus (:meth:`ResponseCache.share`: Redis, ``redis.url``) a
+put also goes there, and a lookup that misses memory asks it before the
+database: an answer stored by one replica is a hit on the others at once, before
+its row is written (or while the database is away). Its keys carry the cache
+generation, so a purge anywhere leaves the old entries unread; they expire on
+their own. A bus that is away is skipped (memory and database, as without one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import sys
 import time
 from array import array
@@ -51,6 +59,7 @@ from .storage.background import Periodic, WriteBehind
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .store.base import Bus
 
 log = logging.getLogger("llm_proxy.cache")
 
@@ -200,10 +209,28 @@ class CacheStats:
     embedding_misses: int = 0
     purged: int = 0
     lookup_failures: int = 0  # database lookups that failed (a PostgreSQL server away), taken as misses
+    shared_hits: int = 0  # answers found in the shared front (another replica stored them), before the database
 
     @property
     def hits(self) -> int:
-        return self.memory_hits + self.db_hits
+        return self.memory_hits + self.shared_hits + self.db_hits
+
+
+_SHARED_HEAD = struct.Struct("<dH")  # expires_at, length of the model's name; then the name, then the body
+
+
+def _pack_shared(body: bytes, model: str, expires_at: float) -> bytes:
+    name = model.encode()
+    return _SHARED_HEAD.pack(expires_at, len(name)) + name + body
+
+
+def _unpack_shared(blob: bytes) -> tuple[bytes, str, float] | None:
+    try:
+        expires_at, size = _SHARED_HEAD.unpack_from(blob)
+    except struct.error:
+        return None
+    start = _SHARED_HEAD.size
+    return blob[start + size :], blob[start : start + size].decode(errors="replace"), expires_at
 
 
 # ON CONFLICT rather than SQLite's INSERT OR REPLACE: the same statement runs on PostgreSQL.
@@ -261,6 +288,14 @@ class ResponseCache:
         self._writer = WriteBehind("cache", self._flush_batch, self._has_pending, linger=linger)
         self._poller = Periodic("cache-generation", poll_interval, self.poll)
         self._expirer = Periodic("cache-expiry", expiry_interval, self.expire)
+        self._bus: Bus | None = None
+
+    def share(self, bus: Bus | None) -> None:
+        """Put answers on ``bus`` too, and look there before the database (replicas share hot answers)."""
+        self._bus = bus
+
+    def _shared_key(self, key: str) -> str:
+        return f"{self._generation or 0}:{key}"
 
     async def start(self) -> None:
         await self.poll()
@@ -294,6 +329,15 @@ class ResponseCache:
             self.stats.memory_hits += 1
             return row[2]
         epoch = self._epoch
+        bus = self._bus
+        if bus is not None and bus.up:
+            shared = await bus.cache_get(self._shared_key(key))
+            entry = _unpack_shared(shared) if shared is not None else None
+            if entry is not None and entry[2] > now:
+                if epoch == self._epoch:
+                    self._remember(key, *entry)
+                self.stats.shared_hits += 1
+                return entry[0]
         try:
             found = await self._db.fetchone("SELECT body, model, expires_at FROM response_cache WHERE key = ?", (key,))
         except Exception as exc:  # a database server that is down costs a miss, never the request
@@ -320,6 +364,8 @@ class ResponseCache:
         now = self._clock()
         expires_at = now + self._ttl
         self._remember(key, body, model, expires_at)
+        if self._bus is not None:
+            self._bus.cache_put(self._shared_key(key), _pack_shared(body, model, expires_at), self._ttl)
         old = self._pending.get(key)
         if old is None and (len(self._pending) >= self._max_pending or self._pending_bytes >= self._max_pending_bytes):
             self.stats.dropped += 1

@@ -150,6 +150,50 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 1
 
 
+DEFAULT_MODELS_DIR = "/var/lib/llm-proxy-node/models"
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .node.config import load_node_config
+
+    config = load_node_config(args.config)
+    if args.node_command == "report":
+        from .node.report import report
+
+        sys.stdout.write(report(args.models_dir, config))
+        return 0
+    missing = [o for o, v in (("--proxy", args.proxy), ("--name", args.name), ("--runtime", args.runtime),
+                              ("--runtime-url", args.runtime_url)) if not v]  # fmt: skip
+    if missing:
+        print(f"llm-proxy node: {', '.join(missing)} required (or: llm-proxy node report)", file=sys.stderr)
+        return 2
+    if args.run and args.systemd_unit:
+        print("llm-proxy node: give --run or --systemd-unit, not both", file=sys.stderr)
+        return 2
+    from .config import NODE_NAME
+    from .node.agent import AgentSettings, serve
+
+    if not NODE_NAME.fullmatch(args.name):
+        print(f"llm-proxy node: --name {args.name!r}: letters, digits, '.', '_' or '-' only", file=sys.stderr)
+        return 2
+    _configure_logging(args.log_level)
+    settings = AgentSettings(name=args.name, runtime=args.runtime, runtime_url=args.runtime_url,
+                             proxy_url=args.proxy, models_dir=os.path.abspath(args.models_dir),
+                             run=shlex.split(args.run) if args.run else [], systemd_unit=args.systemd_unit,
+                             log_path=args.log_file or "")  # fmt: skip
+    host, port = args.listen
+    return serve(settings, config, host, port, advertise=args.advertise)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description="OpenAI-compatible gateway for Ollama and vLLM.")
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
@@ -195,6 +239,37 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="pull again even when installed (updates)")
     pull.add_argument("--url", default="http://127.0.0.1:8080", help=admin_url)
     pull.set_defaults(func=cmd_pull)
+
+    node = sub.add_parser("node", help="run the node agent beside a runtime (or: node report)",
+                          description="The node agent: registers with the proxy, reports hardware and runtime health, "
+                                      "supervises the runtime, downloads Hugging Face models. See docs/deployment.md.")  # fmt: skip
+    node.add_argument("--proxy", help="the proxy's URL; the admin key comes from LLM_PROXY_ADMIN_KEY")
+    node.add_argument("--name", help="the node's name at the proxy")
+    node.add_argument("--runtime", choices=["ollama", "vllm"])
+    node.add_argument("--runtime-url", help="where the runtime's API answers, e.g. http://127.0.0.1:8000")
+    node.add_argument(
+        "--listen",
+        type=_listen,
+        default=("0.0.0.0", 8090),
+        metavar="HOST:PORT",
+        help="the agent's own address (default 0.0.0.0:8090; port 0 picks a free one)",
+    )
+    node.add_argument("--advertise", help="the URL the proxy should use for the agent (default: from --listen)")
+    node.add_argument(
+        "--models-dir",
+        default=DEFAULT_MODELS_DIR,
+        help=f"the Hugging Face cache the agent fills (default {DEFAULT_MODELS_DIR})",
+    )
+    node.add_argument("--run", help="the runtime's command line, supervised as the agent's child")
+    node.add_argument("--systemd-unit", help="drive this systemd unit instead (start, restart, status)")
+    node.add_argument("--log-file", help="the runtime's output with --run (default MODELS_DIR/runtime.log)")
+    node.add_argument("--config", help="optional YAML: thresholds, disk limits, HF token variable")
+    node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    node_sub = node.add_subparsers(dest="node_command")
+    report = node_sub.add_parser("report", help="print this machine's Markdown hardware check report")
+    report.add_argument("--models-dir", default=argparse.SUPPRESS, help="where the manifest is")
+    report.add_argument("--config", default=argparse.SUPPRESS, help="thresholds and limits to report")
+    node.set_defaults(func=cmd_node)
     return parser
 
 

@@ -220,6 +220,23 @@ def internal_error() -> ProxyError:
     return ProxyError("internal error in llm-proxy; see the proxy's log for details", code="internal_error")
 
 
+class StoreUnavailable(ProxyError):
+    """The database that holds the proxy's shared state (PostgreSQL) is not answering.
+
+    Requests to models keep being served (history is buffered, the cache answers
+    misses); what needs the database, admin writes above all, answers this instead
+    of an internal error, so a script knows to try again.
+    """
+
+    status = 503
+    type = "api_error"
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "the proxy's database is unavailable; nothing was changed, try again shortly",
+                 retry_after: float = 5.0) -> None:  # fmt: skip
+        super().__init__(message, headers={"retry-after": str(max(1, round(retry_after)))})
+
+
 # --- the admin API ------------------------------------------------------------------------------
 
 
@@ -238,6 +255,24 @@ class NotInstalled(Conflict):
     def body(self) -> dict:
         body = super().body()
         body["error"]["missing_nodes"] = self.missing_nodes
+        return body
+
+
+class DiskLimit(Conflict):
+    """A download that would cross a node's disk limits, or needs ``"confirm": true``: refused before it starts.
+
+    The body's error object carries the figures under ``disk`` (bytes: needed, free, limits).
+    """
+
+    code = "disk_limit"
+
+    def __init__(self, message: str, disk: dict, *, code: str | None = None) -> None:
+        super().__init__(message, param="model", code=code)
+        self.disk = disk
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["disk"] = self.disk
         return body
 
 

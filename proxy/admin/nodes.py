@@ -27,9 +27,16 @@ class _Live:
     installed: list[dict] = field(default_factory=list)  # {model, size, digest, modified_at}
     loaded: list[dict] = field(default_factory=list)  # {model, size_vram, expires_at}
     error: str | None = None
+    agent: dict = field(default_factory=dict)  # agent, hardware, runtime, alerts (proxy/operations/agents.py)
 
 
 async def _live(fleet: Fleet, name: str) -> _Live:
+    live, agent = await asyncio.gather(_runtime_live(fleet, name), fleet.agents.live(name))
+    live.agent = agent
+    return live
+
+
+async def _runtime_live(fleet: Fleet, name: str) -> _Live:
     parts = fleet.parts
     backend = parts.catalog.backends[name]
     view = parts.catalog.views[name]
@@ -76,6 +83,7 @@ def _view(fleet: Fleet, name: str, live: _Live) -> dict:
         "installed": live.installed,
         "loaded": live.loaded,
         "downloading": downloading,
+        **live.agent,
     }
 
 
@@ -94,6 +102,32 @@ async def get_node(request: Request) -> Response:
     name = request.path_params["name"]
     fleet.registry.config_of(name)
     return json_response((await _views(fleet, [name]))[0])
+
+
+async def manifest(request: Request) -> Response:
+    """GET /admin/nodes/{name}/manifest: what the node's agent holds (Hugging Face models, with checksums)."""
+    fleet = await current_fleet(request)
+    return json_response({"object": "list", "data": await fleet.agents.client(request.path_params["name"]).manifest()})
+
+
+async def register_agent(request: Request) -> Response:
+    """POST /admin/agents {name, kind, url, agent_url, token, gpu_memory_gb?, hardware?, runtime?, alerts?}.
+
+    201 with the node when it is new, 200 when an existing node is linked to its agent."""
+    fleet = await current_fleet(request)
+    body = await read_body(request)
+    _, ops, created = await fleet.agents.register(body)
+    await fleet.settle()
+    name = body["name"]
+    view = (await _views(fleet, [name]))[0]
+    return json_response({"node": view, "operations": [op.as_dict() for op in ops]}, 201 if created else 200)
+
+
+async def agent_heartbeat(request: Request) -> Response:
+    """POST /admin/agents/{name}/heartbeat {hardware, runtime, alerts, agent}; 404 asks the agent to register."""
+    fleet = await current_fleet(request)
+    await fleet.agents.heartbeat(request.path_params["name"], await read_body(request))
+    return json_response({"ok": True})
 
 
 async def register_node(request: Request) -> Response:

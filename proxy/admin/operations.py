@@ -16,9 +16,11 @@ from starlette.responses import Response, StreamingResponse
 
 from ..errors import InvalidRequest
 from ..operations.fleet import Fleet
+from ..operations.hf_pulls import SOURCES
 from ..operations.manager import check_filters
 from ..operations.model import ACTIVE
 from ..streaming import read_json
+from .events import stopping
 
 HEARTBEAT = 4.5  # seconds: an event at least every 5 s, even when nothing changed
 
@@ -66,10 +68,20 @@ def _listing(ops) -> dict:
 
 
 async def pull(request: Request) -> Response:
-    """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node."""
+    """POST /admin/models/pull {model, nodes: [..] | "all" | "auto", force?} -> 202, one operation per node.
+
+    With ``"source": "huggingface"`` (and ``revision?``, ``confirm?``): through the vLLM nodes' agents."""
     body = await read_body(request)
     fleet = await current_fleet(request)
-    listing = _listing(fleet.pull(_model(body), body.get("nodes", "all"), force=flag(body, "force")))
+    source = body.get("source", "ollama")
+    if source not in SOURCES:
+        raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}", param="source")
+    if source == "huggingface":
+        ops = await fleet.pull_hf(_model(body), body.get("nodes", "all"), revision=body.get("revision", "main"),
+                                  confirm=flag(body, "confirm"), force=flag(body, "force"))  # fmt: skip
+        listing = _listing(ops)
+    else:
+        listing = _listing(fleet.pull(_model(body), body.get("nodes", "all"), force=flag(body, "force")))
     await fleet.settle()  # as submitted, not as it stands after the write
     return json_response(listing, 202)
 
@@ -78,7 +90,8 @@ async def delete_model(request: Request) -> Response:
     """DELETE /admin/models/{model} {nodes: [..] | "all", force?}: removes it, waits for the deletes."""
     body = await read_body(request)
     fleet = await current_fleet(request)
-    ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"))
+    ops = await fleet.delete_model(request.path_params["model"], body.get("nodes"), force=flag(body, "force"),
+                                   source=body.get("source"))  # fmt: skip
     return json_response(_listing(ops))
 
 
@@ -151,28 +164,46 @@ async def retry_operation(request: Request) -> Response:
     return json_response(answer, 202)
 
 
+async def _next(queue: asyncio.Queue, stopped: asyncio.Future) -> dict | None:
+    """The next snapshot; None after HEARTBEAT seconds without one, or once the server stops."""
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait((getter, stopped), timeout=HEARTBEAT, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()  # the queue keeps an item that arrives meanwhile: get() takes it only when it wakes
+    return None
+
+
 def _frame(snapshot: dict) -> bytes:
     return b"data: " + orjson.dumps(snapshot) + b"\n\n"
 
 
 async def operation_events(request: Request) -> Response:
-    """GET /admin/operations/{id}/events: SSE, one ``data:`` frame per change, ending with the operation."""
+    """GET /admin/operations/{id}/events: SSE, one ``data:`` frame per change, ending with the operation.
+
+    It also ends when the server is told to stop (as ``/admin/events`` does): uvicorn waits for open
+    responses before it shuts down, and a pull can run for an hour. The follower reconnects to the
+    next server, where the operation reads ``interrupted`` or still runs on another process.
+    """
     manager = (await current_fleet(request)).manager
     op_id = request.path_params["id"]
     op = manager.get(op_id)
+    stop = stopping(request.app)
     queue = manager.subscribe(op_id)  # before the first frame, so no change falls in between
 
     async def frames():
+        stopped = asyncio.ensure_future(stop.wait())
         try:
             snapshot = op.as_dict()
             yield _frame(snapshot)
             while snapshot["state"] in ACTIVE:
-                try:
-                    snapshot = await asyncio.wait_for(queue.get(), HEARTBEAT)
-                except TimeoutError:
-                    snapshot = op.as_dict()
+                news = await _next(queue, stopped)
+                if stopped.done():
+                    break
+                snapshot = news if news is not None else op.as_dict()
                 yield _frame(snapshot)
         finally:
+            stopped.cancel()
             manager.unsubscribe(op_id, queue)
 
     return StreamingResponse(frames(), media_type="text/event-stream",

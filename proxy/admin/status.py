@@ -52,7 +52,7 @@ def fleet_snapshot(services: Services) -> dict:
         "process": {"pid": os.getpid(), "instance": services.store.instance if services.store else None},
         # Where the shared state lives; a Redis that is down is said here (the proxy then polls the database).
         "storage": {"kind": "postgresql" if services.config.storage.url else "sqlite", "location": services.db.path},
-        "redis": services.redis.status() if services.redis is not None else None,
+        "redis": services.bus.status() if services.bus is not None else None,
     }
 
 

@@ -12,7 +12,9 @@ or pulled first with ``pull: true``, with progress). Each node loads it
 ``unload_old`` the old model is unloaded where no other alias uses it.
 
 vLLM: per node, the node is drained and its requests in flight may finish (up
-to ``drain_timeout``), then its ``activate_command`` runs (an argv, never a
+to ``drain_timeout``), then its agent (``llm-proxy node``) restarts the runtime
+it supervises with ``--model`` and ``--served-model-name``, or, for a node
+without an agent, its ``activate_command`` runs (an argv, never a
 shell; ``{model}`` and ``{served_name}`` in an argument are replaced), then
 ``/health`` and ``/v1/models`` are polled until the served name appears, within
 ``activate_timeout``. The alias then points at the served name.
@@ -101,10 +103,12 @@ class Activator:
                 if value is not None and not _ARGUMENT.fullmatch(value):
                     raise InvalidRequest(f"{key} {value!r} cannot be passed to activate_command: use letters, digits "
                                          "and ._:/@- only, not starting with - and without ..", param=key)  # fmt: skip
-            missing_command = [n for n in nodes if not self.fleet.registry.config_of(n).activate_command]
+            missing_command = [n for n in nodes if not self.fleet.registry.config_of(n).activate_command
+                               and self.fleet.agents.get(n) is None]  # fmt: skip
             if missing_command:
-                raise Conflict(f"vLLM node(s) {', '.join(missing_command)} have no activate_command in the config, "
-                               "so the proxy cannot switch their model", param="alias")  # fmt: skip
+                raise Conflict(f"vLLM node(s) {', '.join(missing_command)} have neither an agent (llm-proxy node) nor "
+                               "an activate_command in the config, so the proxy cannot switch their model",
+                               param="alias")  # fmt: skip
             return Plan(alias, model, runtime, nodes, [], served)
         missing = await self._missing(model, nodes)
         if missing and not body.get("pull", False):
@@ -233,9 +237,16 @@ class Activator:
                     log.warning("node %s: %d request(s) still in flight after %gs; restarting anyway",
                                 node, health.in_flight, config.drain_timeout)  # fmt: skip
             deadline = time.monotonic() + config.activate_timeout
-            argv = [a.replace("{model}", op.model).replace("{served_name}", served) for a in config.activate_command]
-            manager.say(op, f"{node}: running {argv[0]}")
-            await self._run(node, argv, config.activate_timeout)
+            link = self.fleet.agents.get(node)
+            if link is not None:
+                # The agent restarts the runtime it supervises with --model and --served-model-name.
+                manager.say(op, f"{node}: restarting the runtime through its agent")
+                await link.client.activate(op.model, served)
+            else:
+                argv = [a.replace("{model}", op.model).replace("{served_name}", served)
+                        for a in config.activate_command]  # fmt: skip
+                manager.say(op, f"{node}: running {argv[0]}")
+                await self._run(node, argv, config.activate_timeout)
             manager.say(op, f"{node}: waiting for {served} to be served")
             return await self._served(op, node, served, deadline, config.activate_timeout, old)
         finally:

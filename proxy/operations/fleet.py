@@ -27,16 +27,18 @@ from typing import Any
 from ..backends.ollama import normalize
 from ..catalog import Catalog
 from ..config import BackendConfig, Config
-from ..errors import Conflict, InvalidRequest
+from ..errors import Conflict, InvalidRequest, StoreUnavailable
 from ..node_table import NodeTable
 from ..resolve import Resolver
 from ..storage.sealed import Sealer
 from ..store import ChangeFeed, FleetStore
-from ..store.base import ALIAS, CANCEL, DRAIN, NODES, OPERATION, Change
+from ..store.base import AGENT, ALIAS, CANCEL, DRAIN, NODES, OPERATION, Change
 from .activate import Activator
+from .agents import AgentLinks
 from .aliases import AliasOverrides
 from .audit import Audit
 from .distribution import auto_nodes, plan_sync, tier_models
+from .hf_pulls import SOURCES, BySource, HFDeleteRunner, HFPullRunner, check_plan
 from .manager import OperationManager
 from .model import Operation
 from .node_store import NodeStore
@@ -64,6 +66,7 @@ class FleetParts:
     feed: ChangeFeed
     history: Any = None  # proxy.history.History; None: admin actions are not recorded
     sealer: Sealer | None = None
+    bus: Any = None  # proxy.store.Bus: operation progress to the other replicas at once; None without one
 
 
 class Fleet:
@@ -74,10 +77,13 @@ class Fleet:
         self.audit = Audit(parts.history)
         self.registry = NodeRegistry(parts, NodeStore(self.store, parts.sealer))
         self.aliases = AliasOverrides(self.store, parts.resolver)
-        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit)
+        self.manager = OperationManager(config.pulls, OperationStore(self.store), self.audit, bus=parts.bus)
         self.activator = Activator(self)
-        self.manager.register("pull", self._after(PullRunner(self.registry, config.pulls)))
-        self.manager.register("delete", self._after(DeleteRunner(self.registry)))
+        self.agents = AgentLinks(self)
+        self.manager.register("pull", self._after(BySource(PullRunner(self.registry, config.pulls),
+                                                           HFPullRunner(self.agents, config.pulls))))  # fmt: skip
+        self.manager.register("delete", self._after(BySource(DeleteRunner(self.registry),
+                                                             HFDeleteRunner(self.agents))))  # fmt: skip
         self.manager.register("activate", self.activator)
         self.manager.register("sync", SyncRunner(self.sync_nodes, config.distribution.manifest_path))
         self._background: set[asyncio.Task] = set()
@@ -88,6 +94,7 @@ class Fleet:
         self.feed.on(NODES, self._theirs(self._nodes_changed))
         self.feed.on(DRAIN, self._theirs(self.registry.apply_drain))
         self.feed.on(ALIAS, self._theirs(self._alias_changed))
+        self.feed.on(AGENT, self._theirs(self.agents.apply))
         self.feed.on(OPERATION, self.manager.apply_change)
         self.feed.on(CANCEL, self.manager.apply_cancel)
         self.feed.every(_EXPIRE_INTERVAL, self.manager.expire)
@@ -97,7 +104,10 @@ class Fleet:
         return lambda change: None if change.origin == self.store.instance else handler(change)
 
     async def _nodes_changed(self, change: Change) -> None:
-        if await self.registry.reload(change):
+        added = await self.registry.reload(change)
+        await self.agents.prune()
+        if added:
+            await self.agents.load()
             self._spawn(self.parts.catalog.refresh())  # what the new node serves, before anyone asks
 
     async def _alias_changed(self, change: Change) -> None:
@@ -108,12 +118,16 @@ class Fleet:
     async def start(self) -> None:
         await self.feed.begin()  # first: a change made while we load is applied again, never missed
         await self.registry.load()
+        await self.agents.load()
         await self.aliases.apply()
         await self.manager.start()
 
     async def catch_up(self) -> None:
         """Apply what other processes changed and this one has not read yet (before an admin read)."""
-        await self.feed.poll()
+        try:
+            await self.feed.poll()
+        except StoreUnavailable:
+            pass  # a read answers from what this process holds; a write fails on its own, with a 503
 
     async def settle(self) -> None:
         """Write this process's pending operation changes, so other processes see them (before a 202)."""
@@ -137,6 +151,7 @@ class Fleet:
             log.exception("could not store the final state of the operations")
         for task in list(self._background):
             task.cancel()
+        await self.agents.close()
         await self.registry.close()
 
     def _after(self, runner):
@@ -160,8 +175,8 @@ class Fleet:
         return {n: b.config.gpu_memory_gb for n, b in self.parts.catalog.backends.items()
                 if b.config.kind == "ollama"}  # fmt: skip
 
-    async def register_node(self, spec: dict) -> tuple[BackendConfig, list[Operation]]:
-        config = await self.registry.register(spec)
+    async def register_node(self, spec: dict, agent: dict | None = None) -> tuple[BackendConfig, list[Operation]]:
+        config = await self.registry.register(spec, agent)
         self._spawn(self.parts.catalog.refresh())
         ops = []
         if config.kind == "ollama":
@@ -178,6 +193,7 @@ class Fleet:
                 if op.active:
                     await self.manager.cancel(op.id)
         outcome = await self.registry.remove(name, timeout=timeout, force=force)
+        await self.agents.prune()
         self.audit.action("remove_node", node=name)
         return outcome
 
@@ -218,7 +234,56 @@ class Fleet:
     def pull(self, model: str, nodes, *, force: bool = False) -> list[Operation]:
         return [self.submit_pull(n, model, force=force) for n in self.pull_targets(model, nodes)]
 
-    async def delete_model(self, model: str, nodes, *, force: bool = False) -> list[Operation]:
+    def hf_nodes(self) -> list[str]:
+        """vLLM nodes with an agent: those that can hold Hugging Face models."""
+        return [n for n, b in self.parts.catalog.backends.items()
+                if b.config.kind == "vllm" and self.agents.get(n) is not None]  # fmt: skip
+
+    def _hf_targets(self, nodes) -> list[str]:
+        if nodes == "all":
+            targets = self.hf_nodes()
+            if not targets:
+                raise Conflict("There is no vLLM node with an agent (llm-proxy node) to download onto", param="nodes")
+            return targets
+        if not isinstance(nodes, list) or not nodes or not all(isinstance(n, str) for n in nodes):
+            raise InvalidRequest('nodes must be a non-empty list of node names or "all"', param="nodes")
+        targets = list(dict.fromkeys(nodes))
+        for name in targets:
+            self.agents.client(name)
+            if self.registry.config_of(name).kind != "vllm":
+                raise Conflict(f"Node {name!r} runs {self.registry.config_of(name).kind}; Hugging Face models are "
+                               "for vLLM nodes", param="nodes")  # fmt: skip
+        return targets
+
+    async def pull_hf(self, model: str, nodes, *, revision: str = "main", confirm: bool = False,
+                      force: bool = False) -> list[Operation]:  # fmt: skip
+        """Hugging Face pulls through the nodes' agents; each node's disk limits checked before any starts."""
+        if not isinstance(model, str) or model.count("/") != 1 or not all(model.split("/")):
+            raise InvalidRequest("a Hugging Face model is a repository id, org/name", param="model")
+        if not isinstance(revision, str) or not revision:
+            raise InvalidRequest("revision must be a branch, tag or commit", param="revision")
+        targets = self._hf_targets(nodes)
+        ops = []
+        for name in targets:
+            running = self.manager.active("pull", node=name, model=model)
+            if running is not None:
+                ops.append(running)
+                continue
+            await check_plan(self.agents.client(name), model, revision, confirm)
+        for name in targets:
+            if any(op.node == name for op in ops):
+                continue
+            params = {"source": "huggingface", "revision": revision, "confirm": confirm, "force": force}
+            ops.append(self.manager.submit(Operation("pull", model, name, params)))
+        return ops
+
+    async def delete_model(
+        self, model: str, nodes, *, force: bool = False, source: str | None = None
+    ) -> list[Operation]:
+        if source is not None and source not in SOURCES:
+            raise InvalidRequest(f"source must be one of {', '.join(SOURCES)}", param="source")
+        if source == "huggingface":
+            return await self._delete_hf(model, nodes, force=force)
         targets = list(self.ollama_nodes()) if nodes == "all" else nodes
         if not isinstance(targets, list) or not targets or not all(isinstance(n, str) for n in targets):
             raise InvalidRequest('nodes must be a non-empty list of node names or "all"', param="nodes")
@@ -237,6 +302,41 @@ class Fleet:
         for op in ops:
             await self.manager.wait(op.id, timeout=_DELETE_WAIT)
         return ops
+
+    async def _delete_hf(self, model: str, nodes, *, force: bool) -> list[Operation]:
+        targets = self._hf_targets(nodes)
+        for name in targets:
+            pulling = self.manager.active("pull", node=name, model=model)
+            if pulling is not None:
+                raise Conflict(f"{model} is being pulled on {name} (operation {pulling.id}); cancel that first",
+                               param="nodes")  # fmt: skip
+        if not force:
+            in_use = self._aliases_serving(model, targets)
+            if in_use:
+                raise Conflict(f"{model} is what {'; '.join(in_use)} point(s) to; activate another model first, "
+                               'or send "force": true', param="model")  # fmt: skip
+        ops = [self.manager.submit(Operation("delete", model, n, {"source": "huggingface"})) for n in targets]
+        for op in ops:
+            await self.manager.wait(op.id, timeout=_DELETE_WAIT)
+        return ops
+
+    def _aliases_serving(self, repo: str, nodes: list[str]) -> list[str]:
+        """Aliases whose target a node serves from ``repo`` (vLLM lists it as the served model's root)."""
+        out = []
+        catalog = self.parts.catalog
+        for alias in self.parts.resolver.alias_models():
+            on = []
+            for node in nodes:
+                if alias.backends and node not in alias.backends:
+                    continue
+                served = catalog.served_name(node, alias.target)
+                models = {m.name: m for m in catalog.views[node].models}
+                root = models[served].details.get("root") if served in models else None
+                if alias.target == repo or root == repo:
+                    on.append(node)
+            if on:
+                out.append(f"alias {alias.name} on {', '.join(on)}")
+        return out
 
     def _aliases_using(self, model: str, nodes: list[str]) -> list[str]:
         out = []

@@ -15,7 +15,12 @@ Other proxy processes share the operations through the store (:mod:`proxy.store`
 this manager holds a copy of every operation, its own and theirs; their changes
 arrive through the change feed (:meth:`apply_change`), and a cancel for an
 operation another process runs is sent there (:meth:`cancel`). The pull limits
-are leases in the store, so they hold across processes.
+are leases in the store, so they hold across processes. With a bus (Redis), the
+progress this process pushes to its own subscribers also goes to the other
+replicas at once (:meth:`apply_progress`), so their followers need not wait for
+the next write to the store; a snapshot older than what a copy already shows
+(the store's row read after a newer event) is ignored, so progress never goes
+backwards.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from ..config import PullConfig
 from ..errors import Conflict, InvalidRequest, NotFound, ProxyError
 from ..storage.background import WriteBehind
-from ..store.base import LEASE_SECONDS, Change
+from ..store.base import LEASE_SECONDS, PROGRESS, Bus, Change
 from .audit import Audit
 from .model import KINDS, RETRYABLE, STATES, Operation
-from .store import INTERRUPTED, OperationStore
+from .store import INTERRUPTED, OperationStore, from_row, to_row
 
 log = logging.getLogger("llm_proxy.operations")
 
@@ -42,12 +47,17 @@ PUSH_INTERVAL = 0.5  # seconds between progress-only events to subscribers (stat
 SAVE_INTERVAL = 0.5  # seconds between progress-only writes of one operation (what other processes see)
 _LEASE_RETRY = 0.25  # seconds between attempts at a pull slot another process holds
 _QUEUE_LIMIT = 256  # events buffered for a slow subscriber before the oldest are dropped
+_RANK = {"queued": 0, "running": 1}  # active states in the order an operation goes through them
 
 
 class OperationManager:
-    def __init__(self, pulls: PullConfig, store: OperationStore | None = None, audit: Audit | None = None) -> None:
+    def __init__(self, pulls: PullConfig, store: OperationStore | None = None, audit: Audit | None = None, *,
+                 bus: Bus | None = None) -> None:  # fmt: skip
         self.pulls = pulls
         self.store = store
+        self.bus = bus
+        if bus is not None:
+            bus.on(PROGRESS, self.apply_progress)
         self.audit = audit or Audit(None)
         self.ops: dict[str, Operation] = {}
         self.runners: dict[str, Runner] = {}
@@ -91,10 +101,22 @@ class OperationManager:
             return
         self._take(fresh)
 
+    def apply_progress(self, change: Change) -> None:
+        """Another replica's progress event (from the bus): shown to our followers at once."""
+        if change.key in self._tasks or not change.data:
+            return
+        try:
+            fresh = from_row(change.data)
+        except (TypeError, ValueError):
+            return
+        self._take(fresh)
+
     def _take(self, fresh: Operation) -> None:
         op = self.ops.get(fresh.id)
         if op is None:
             self.ops[fresh.id] = op = fresh
+        elif _older(fresh, op):
+            return  # the store's row, read after the bus brought something newer
         else:
             op.__dict__.update(fresh.__dict__)  # in place: SSE streams and waiters hold this object
         self._push(op)
@@ -289,6 +311,8 @@ class OperationManager:
         if important or now - self._last_push.get(op.id, 0.0) >= self.push_interval:
             self._last_push[op.id] = now
             self._push(op)
+            if self.bus is not None:
+                self.bus.send(PROGRESS, op.id, to_row(op))
         if self._writer is not None and (important or now - self._last_save.get(op.id, 0.0) >= self.save_interval):
             self._last_save[op.id] = now
             self._dirty.add(op.id)
@@ -384,6 +408,15 @@ class OperationManager:
         except BaseException:
             self._dirty |= ids
             raise
+
+
+def _older(fresh: Operation, op: Operation) -> bool:
+    """Whether ``fresh`` shows an earlier moment of the same run than ``op`` does (both still active)."""
+    if fresh.state not in _RANK or op.state not in _RANK:
+        return False  # an end, or a retry after one: always news
+    if _RANK[fresh.state] != _RANK[op.state]:
+        return _RANK[fresh.state] < _RANK[op.state]
+    return fresh.fraction < op.fraction or fresh.completed < op.completed
 
 
 def check_filters(state: str | None, kind: str | None) -> None:

@@ -87,10 +87,12 @@ class NodeStore:
             kept = {"sealed": self.sealer.seal(config.api_key)}
         return config, kept
 
-    async def add(self, config: BackendConfig, kept_key: dict) -> None:
+    async def add(self, config: BackendConfig, kept_key: dict, agent: dict | None = None) -> None:
         spec = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "api_key"}
         if kept_key:
             spec["api_key"] = kept_key
+        if agent:
+            spec["agent"] = agent  # {url, token: sealed}: how to reach the node's agent (proxy/operations/agents.py)
         if not await self.store.add_node(config.name, config.kind, config.url, orjson.dumps(spec).decode()):
             raise Conflict(f"A node called {config.name!r} exists already", param="name")
 
@@ -109,8 +111,31 @@ class NodeStore:
                 log.error("registered node %s cannot be restored: %s", name, getattr(exc, "message", exc))
         return out
 
+    async def agents(self) -> dict[str, dict]:
+        """Node name -> its agent link as stored ({url, token: sealed}), for the nodes that have one."""
+        out = {}
+        for name, raw in await self.store.node_rows():
+            try:
+                agent = orjson.loads(raw).get("agent")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(agent, dict):
+                out[name] = agent
+        return out
+
+    async def set_agent(self, name: str, agent: dict) -> bool:
+        """Store a registered node's new agent link (an agent restarted with a new token); False if no such row."""
+        for row_name, raw in await self.store.node_rows():
+            if row_name == name:
+                spec = orjson.loads(raw)
+                spec["agent"] = agent
+                await self.store.update_node_spec(name, orjson.dumps(spec).decode())
+                return True
+        return False
+
     async def _restore(self, name: str, raw: str) -> BackendConfig:
         spec = orjson.loads(raw)
+        agent = spec.pop("agent", None)  # not a backend setting: read by agents()
         kept = spec.pop("api_key", None)
         if isinstance(kept, dict) and "env" in kept:
             value = self.env.get(kept["env"])
@@ -124,7 +149,8 @@ class NodeStore:
             spec["api_key"] = kept
         config = _parse(spec, f"nodes.{name}")
         if isinstance(kept, str):
-            await self.store.update_node_spec(name, self._respec(spec, {"sealed": self.sealer.seal(kept)}))
+            respec = {**spec, **({"agent": agent} if agent else {})}
+            await self.store.update_node_spec(name, self._respec(respec, {"sealed": self.sealer.seal(kept)}))
             log.info("registered node %s: its api_key is now stored encrypted", name)
         return config
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Protocol
 
@@ -87,31 +88,40 @@ class PullRunner:
         return True
 
     async def _attempts(self, op: Operation, manager: OperationManager, admin: OllamaAdmin) -> None:
-        progress = PullProgress(op.completed, op.total, op.fraction)
-        attempts = self.pulls.attempts
-        for attempt in range(1, attempts + 1):
-            async with manager.pull_slot(op):
-                op.attempts = attempt
-                manager.say(op, "pulling manifest" if attempt == 1 else f"attempt {attempt} of {attempts}")
-                progress.new_attempt()
-                try:
-                    async with aclosing(admin.pull(op.model, insecure=bool(op.params.get("insecure")))) as lines:
-                        async for line in lines:
-                            now = time.monotonic()
-                            progress.feed(line, now)
-                            before = op.status
-                            op.progress(progress.snapshot(now))
-                            manager.changed(op, important=op.status != before)
-                    return
-                except ProxyError as exc:
-                    if not exc.retryable or attempt == attempts:
-                        raise ProxyError(f"{exc.message} (attempt {attempt} of {attempts})", status=exc.status,
-                                         code=exc.code) from None  # fmt: skip
-                    failure = exc.message
-            delay = self.pulls.backoff * 2 ** (attempt - 1)
-            op.speed = op.eta_seconds = None
-            manager.say(op, f"attempt {attempt} of {attempts} failed ({failure}); retrying in {delay:g}s")
-            await asyncio.sleep(delay)
+        insecure = bool(op.params.get("insecure"))
+        await run_attempts(op, manager, self.pulls, lambda: admin.pull(op.model, insecure=insecure))
+
+
+async def run_attempts(op: Operation, manager: OperationManager, pulls: PullConfig,
+                       start: Callable[[], AsyncIterator[dict]]) -> None:  # fmt: skip
+    """Up to ``pulls.attempts`` runs of ``start()`` (an iterator of Ollama-shaped status lines), backing off."""
+    progress = PullProgress(op.completed, op.total, op.fraction)
+    attempts = pulls.attempts
+    for attempt in range(1, attempts + 1):
+        async with manager.pull_slot(op):
+            op.attempts = attempt
+            manager.say(op, "pulling manifest" if attempt == 1 else f"attempt {attempt} of {attempts}")
+            progress.new_attempt()
+            try:
+                async with aclosing(start()) as lines:
+                    async for line in lines:
+                        now = time.monotonic()
+                        progress.feed(line, now)
+                        before = op.status
+                        op.progress(progress.snapshot(now))
+                        manager.changed(op, important=op.status != before)
+                        if line.get("status") == "success":
+                            op.result = line.get("entry") or op.result
+                return
+            except ProxyError as exc:
+                if not exc.retryable or attempt == attempts:
+                    raise ProxyError(f"{exc.message} (attempt {attempt} of {attempts})", status=exc.status,
+                                     code=exc.code) from None  # fmt: skip
+                failure = exc.message
+        delay = pulls.backoff * 2 ** (attempt - 1)
+        op.speed = op.eta_seconds = None
+        manager.say(op, f"attempt {attempt} of {attempts} failed ({failure}); retrying in {delay:g}s")
+        await asyncio.sleep(delay)
 
 
 class DeleteRunner:

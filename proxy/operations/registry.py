@@ -108,18 +108,16 @@ class NodeRegistry:
         admin = self._admins.get(name)
         if admin is None:
             timeouts = self.parts.config.timeouts_for(config)
-            admin = self._admins[name] = OllamaAdmin(
-                config, timeouts, pull_idle=self.parts.config.pulls.idle_timeout
-            )
+            admin = self._admins[name] = OllamaAdmin(config, timeouts, pull_idle=self.parts.config.pulls.idle_timeout)
         return admin
 
     # --- changing -------------------------------------------------------------------------------
 
-    async def register(self, spec: dict) -> BackendConfig:
+    async def register(self, spec: dict, agent: dict | None = None) -> BackendConfig:
         config, kept_key = self.store.parse(spec)
         if config.name in self.parts.catalog.backends:
             raise Conflict(f"A node called {config.name!r} exists already", param="name")
-        await self.store.add(config, kept_key)
+        await self.store.add(config, kept_key, agent)
         self.parts.nodes.add(config)
         log.info("node %s registered (%s, %s)", config.name, config.kind, config.url)
         return config

@@ -1,4 +1,4 @@
-"""The two background loops the stores share: a write-behind flusher and a periodic job.
+"""The background loops the stores share: a write-behind flusher, a periodic job, and the task both run as.
 
 The request path only appends to an in-memory buffer and calls
 :meth:`WriteBehind.notify`, which never awaits; the flusher writes what gathered
@@ -97,14 +97,17 @@ class WriteBehind:
                 self._event.set()
 
 
-class Periodic:
-    """Runs ``job()`` every ``interval`` seconds until closed; a failure is logged, not fatal."""
+class Background:
+    """One named task running ``run()`` until :meth:`close` cancels it: started once, closed once."""
 
-    def __init__(self, name: str, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         self.name = name
-        self.interval = interval
-        self._job = job
+        self._run = run
         self._task: asyncio.Task | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         if self._task is None:
@@ -117,7 +120,16 @@ class Periodic:
                 await self._task
             self._task = None
 
-    async def _run(self) -> None:
+
+class Periodic(Background):
+    """Runs ``job()`` every ``interval`` seconds until closed; a failure is logged, not fatal."""
+
+    def __init__(self, name: str, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(name, self._loop)
+        self.interval = interval
+        self._job = job
+
+    async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:

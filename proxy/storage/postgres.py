@@ -9,6 +9,11 @@ statements of the task that opened it run on it.
 
 The URL's password never appears in a log line, an error or ``/admin``: only
 :func:`..config.redact_url` of it does.
+
+A server that is away (refused, reset, shutting down, a pool that cannot get a
+connection in time) raises :class:`..errors.StoreUnavailable`, a 503 with
+``Retry-After`` for whoever asked; the history and the cache catch it like any
+failed write and keep their rows for later.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
 from ..config import redact_url as redact
+from ..errors import StoreUnavailable
 from .migrations import split_statements
 from .pg_schema import MIGRATIONS
 
@@ -53,6 +59,29 @@ def _plain(record) -> tuple:
                  for v in record)  # fmt: skip
 
 
+def _away(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server cannot be reached now (as opposed to a statement it refused)."""
+    import asyncpg
+
+    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+                      | asyncpg.exceptions.OperatorInterventionError
+                      | asyncpg.exceptions.TooManyConnectionsError)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _reachable() -> Iterator[None]:
+    """Turn "the server is away" into :class:`StoreUnavailable`; other errors pass unchanged."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if not _away(exc):
+            raise
+        log.debug("PostgreSQL is unavailable: %s: %s", type(exc).__name__, exc)
+        raise StoreUnavailable() from exc
+
+
 def _rowcount(status: str) -> int:
     found = _COUNT.search(status or "")
     return int(found.group(1)) if found else 0
@@ -77,8 +106,7 @@ class PostgresDatabase:
             raise RuntimeError("storage.url names PostgreSQL, which needs asyncpg: "
                                "pip install 'llm-proxy[postgres]'") from None  # fmt: skip
         try:
-            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=10,
-                                             timeout=5)
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5)
         except Exception as exc:
             # asyncpg's messages name host and user, never the password; the URL is redacted all the same.
             raise RuntimeError(f"cannot connect to PostgreSQL at {redact(url)}: {type(exc).__name__}: "
@@ -95,30 +123,33 @@ class PostgresDatabase:
         return self._tx.get(task) if task is not None else None
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        conn = self._conn()
-        if conn is not None:
-            return _rowcount(await conn.execute(to_dollar(sql), *params))
-        async with self._pool.acquire() as conn:
-            return _rowcount(await conn.execute(to_dollar(sql), *params))
+        with _reachable():
+            conn = self._conn()
+            if conn is not None:
+                return _rowcount(await conn.execute(to_dollar(sql), *params))
+            async with self._pool.acquire() as conn:
+                return _rowcount(await conn.execute(to_dollar(sql), *params))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
         rows = [tuple(r) for r in rows]
         if not rows:
             return 0
-        conn = self._conn()
-        if conn is not None:
-            await conn.executemany(to_dollar(sql), rows)
-        else:
-            async with self._pool.acquire() as conn:
+        with _reachable():
+            conn = self._conn()
+            if conn is not None:
                 await conn.executemany(to_dollar(sql), rows)
+            else:
+                async with self._pool.acquire() as conn:
+                    await conn.executemany(to_dollar(sql), rows)
         return len(rows)
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        conn = self._conn()
-        if conn is not None:
-            return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
-        async with self._pool.acquire() as conn:
-            return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
+        with _reachable():
+            conn = self._conn()
+            if conn is not None:
+                return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
+            async with self._pool.acquire() as conn:
+                return [_plain(r) for r in await conn.fetch(to_dollar(sql), *params)]
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         rows = await self.fetchall(sql, params)
@@ -130,13 +161,16 @@ class PostgresDatabase:
         if task in self._tx:
             yield self  # nested: part of the enclosing transaction
             return
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                self._tx[task] = conn
-                try:
-                    yield self
-                finally:
-                    self._tx.pop(task, None)
+        # Around the whole block: a server gone mid-transaction also fails the rollback, whose
+        # error would otherwise replace the statement's.
+        with _reachable():
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    self._tx[task] = conn
+                    try:
+                        yield self
+                    finally:
+                        self._tx.pop(task, None)
 
     async def check_file(self) -> str | None:
         return None

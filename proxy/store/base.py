@@ -13,7 +13,12 @@ any process marks the operation ``interrupted``. The same kind of lease, by
 name, bounds pulls across processes (one per node, ``pulls.max_parallel`` in
 all) and lets one process take a scheduled run.
 
-Implementations: :class:`.sqlite.SQLiteStore`.
+Implementations: :class:`.sqlite.SQLiteStore`, :class:`.postgres.PostgresStore`.
+
+Beside the store, a :class:`Bus` (optional: Redis, ``redis.url``) carries what
+must be fast between replicas: wake-ups for the change feed, events that need
+no durability (health, operation progress), and the hot response cache. Code
+outside this package sees only the :class:`Bus` protocol, or ``None`` without one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ DRAIN = "drain"  # a node drained or resumed (key: node name; data: {"draining":
 ALIAS = "alias"  # an alias override set (key: alias)
 OPERATION = "operation"  # an operation's row changed (key: operation id)
 CANCEL = "cancel"  # someone asked for an operation to be cancelled (key: operation id)
+AGENT = "agent"  # a node agent registered or reported (key: node name; data: url, sealed token, snapshot, seen)
 HEALTH = "health"  # a backend failed (key: node name; data: failures, cooldown_until (epoch), error)
+PROGRESS = "progress"  # an operation's progress, on the bus only (key: operation id; data: its row)
 
 LEASE_SECONDS = 8.0  # an operation's runner or a lease holder silent this long is taken for gone
 RENEW_INTERVAL = 1.0  # seconds between renewals of what this process holds
@@ -40,6 +47,25 @@ class Change:
     key: str
     data: dict | None
     origin: str  # the instance that made it
+
+
+class Bus(Protocol):
+    """What replicas share fast, beside the store; every method is a no-op (or a miss) while it is away."""
+
+    @property
+    def up(self) -> bool: ...
+
+    def on(self, topic: str, handler) -> None:
+        """``handler(change)`` (sync) for each event of ``topic`` another process sent."""
+
+    def send(self, topic: str, key: str, data: dict) -> bool:
+        """Never waits; False when the bus is away (the caller then relies on the store)."""
+
+    async def cache_get(self, key: str) -> bytes | None: ...
+
+    def cache_put(self, key: str, body: bytes, ttl: float) -> None: ...
+
+    def status(self) -> dict: ...
 
 
 class FleetStore(Protocol):
@@ -102,6 +128,9 @@ class FleetStore(Protocol):
     async def publish(self, topic: str, key: str, data: dict | None = None) -> None: ...
 
     async def changes_since(self, seq: int) -> list[Change]: ...
+
+    async def changes_of(self, topic: str) -> list[Change]:
+        """Every change of ``topic`` still kept, oldest first (what a process starting now missed)."""
 
     async def last_seq(self) -> int: ...
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ..storage.background import Background
 from .base import LEASE_SECONDS, RENEW_INTERVAL, Change, FleetStore
 
 log = logging.getLogger("llm_proxy.store")
@@ -36,7 +37,7 @@ class ChangeFeed:
         self._jobs: list[tuple[float, Callable[[], Awaitable[None]]]] = []  # (interval, job)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._loop = Background("fleet-changes", self._run)
         self.failures = 0
 
     def on(self, topic: str, handler: Handler) -> None:
@@ -70,15 +71,10 @@ class ChangeFeed:
             return len(changes)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="fleet-changes")
+        self._loop.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.close()
 
     async def renew(self) -> None:
         await self.store.renew(until=time.time() + LEASE_SECONDS)
@@ -93,17 +89,24 @@ class ChangeFeed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
-            try:
-                await self.poll()
-                now = time.monotonic()
-                for i, (interval, job) in enumerate(jobs):
-                    if now - last[i] >= interval:
-                        last[i] = now
-                        await job()
-                self.failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.failures += 1
-                if self.failures in (1, 10) or self.failures % 100 == 0:
-                    log.exception("reading the fleet's changes failed (%d time(s) in a row)", self.failures)
+            # Each step on its own: a database that is away fails the read of changes, and must not
+            # also stop the jobs that need no database (health shared over Redis, for one).
+            failed = not await self._step(self.poll)
+            now = time.monotonic()
+            for i, (interval, job) in enumerate(jobs):
+                if now - last[i] >= interval:
+                    last[i] = now
+                    failed = not await self._step(job) or failed
+            self.failures = self.failures + 1 if failed else 0
+
+    async def _step(self, job: Callable[[], Awaitable[object]]) -> bool:
+        try:
+            await job()
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            n = self.failures + 1
+            if n in (1, 10) or n % 100 == 0:
+                log.exception("the fleet's background work failed (%d round(s) in a row)", n)
+            return False

@@ -121,9 +121,7 @@ class SQLiteStore:
             await self._changes(db, [self._change(OPERATION, r["id"]) for r in rows])
 
     async def load_operations(self, since: float) -> list[dict]:
-        await self.db.execute(
-            f"DELETE FROM model_operations WHERE created_at < ? AND state NOT IN {_ACTIVE}", (since,)
-        )
+        await self.db.execute(f"DELETE FROM model_operations WHERE created_at < ? AND state NOT IN {_ACTIVE}", (since,))
         rows = await self.db.fetchall(f"SELECT {', '.join(OP_COLUMNS)} FROM model_operations ORDER BY created_at")
         return [dict(zip(OP_COLUMNS, row)) for row in rows]
 
@@ -219,6 +217,12 @@ class SQLiteStore:
     async def changes_since(self, seq: int) -> list[Change]:
         rows = await self.db.fetchall(
             "SELECT seq, topic, key, data, origin FROM fleet_changes WHERE seq > ? ORDER BY seq", (seq,)
+        )
+        return [Change(s, t, k, orjson.loads(d) if d else None, o) for s, t, k, d, o in rows]
+
+    async def changes_of(self, topic: str) -> list[Change]:
+        rows = await self.db.fetchall(
+            "SELECT seq, topic, key, data, origin FROM fleet_changes WHERE topic = ? ORDER BY seq", (topic,)
         )
         return [Change(s, t, k, orjson.loads(d) if d else None, o) for s, t, k, d, o in rows]
 

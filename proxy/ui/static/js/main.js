@@ -5,11 +5,12 @@ import { track } from "./changes.js";
 import { h } from "./dom.js";
 import * as overview from "./pages/overview.js";
 import * as models from "./pages/models.js";
+import * as nodes from "./pages/nodes.js";
 import * as operations from "./pages/operations.js";
 import * as requests from "./pages/requests.js";
 import * as catalog from "./pages/catalog.js";
 
-const PAGES = { overview, models, operations, requests, catalog };
+const PAGES = { overview, nodes, models, operations, requests, catalog };
 
 // What the feed last said, and who wants to know when it changes.
 export const store = {
