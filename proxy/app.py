@@ -144,8 +144,12 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(internal_error())
 
 
-async def _not_allowed(request: Request):
-    raise AssertionError("unreachable: Generation answers POST on these paths")
+def _generation_route(operation: str):
+    # Reached only when ProxyApp did not take the request itself (a path seen through a root_path).
+    async def endpoint(request: Request):
+        return await _gateway(request).generate(request.scope, request.receive, operation)
+
+    return endpoint
 
 
 def create_app(config: Config) -> Starlette:
@@ -165,8 +169,9 @@ def create_app(config: Config) -> Starlette:
             await installable.aclose()
 
     routes = [
-        # The GENERATION paths: Generation answers POST; these routes exist for the 405 on other methods.
-        *(Route(path, _not_allowed, methods=["POST"]) for path in GENERATION),
+        # The GENERATION paths: ProxyApp hands POST to Generation before routing; these routes answer
+        # other methods (405) and whatever reaches them by another way, through the same gateway.
+        *(Route(path, _generation_route(operation), methods=["POST"]) for path, operation in GENERATION.items()),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", messages_count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
