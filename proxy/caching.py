@@ -48,6 +48,22 @@ class Lookup:
         self.read, self.write, self.key, self.operation = read, write, key, operation
 
 
+class StoredStream:
+    """A stream on its way to the client, accumulated so its whole answer can be stored at the end."""
+
+    __slots__ = ("caching", "lookup", "route", "accumulator", "feed")
+
+    def __init__(self, caching: Caching, lookup: Lookup, route: Route) -> None:
+        self.caching, self.lookup, self.route = caching, lookup, route
+        self.accumulator = StreamAccumulator(_KIND[lookup.operation])  # type: ignore[arg-type]
+        self.feed = self.accumulator.feed  # the accumulator's own method: no call in between per chunk
+
+    def finish(self) -> None:
+        answer = self.accumulator.result()
+        if answer is not None:
+            self.caching.cache.put(self.lookup.key, self.route.target, orjson.dumps(answer))  # type: ignore[arg-type]
+
+
 class Caching:
     def __init__(self, cache: ResponseCache, config: CacheConfig) -> None:
         self.cache = cache
@@ -94,22 +110,10 @@ class Caching:
     def store_body(self, lookup: Lookup, route: Route, body: bytes) -> None:
         self.cache.put(lookup.key, route.target, body)  # type: ignore[arg-type]
 
-    def storing(self, lookup: Lookup, route: Route, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """Pass a stream through to the client, storing the whole answer if it ends cleanly."""
-        accumulator = StreamAccumulator(_KIND[lookup.operation])  # type: ignore[arg-type]
-
-        async def tee() -> AsyncIterator[bytes]:
-            try:
-                async for frame in frames:
-                    accumulator.feed(frame)
-                    yield frame
-            finally:
-                await frames.aclose()  # type: ignore[attr-defined]
-            answer = accumulator.result()
-            if answer is not None:
-                self.cache.put(lookup.key, route.target, orjson.dumps(answer))  # type: ignore[arg-type]
-
-        return tee()
+    def storing(self, lookup: Lookup, route: Route) -> StoredStream:
+        """What to feed a stream's frames to (:func:`proxy.usage.relayed`): stores the whole answer
+        if the stream ends cleanly."""
+        return StoredStream(self, lookup, route)
 
     # --- embeddings ----------------------------------------------------------------------------
 

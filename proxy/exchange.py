@@ -11,7 +11,7 @@ to the first chunk; the histogram gets the same figure, so the two agree.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 import orjson
 
@@ -31,7 +31,7 @@ def _usage(usage: object) -> tuple[int | None, int | None]:
 
 
 class Exchange:
-    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed", "_tap")
+    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed", "_tap", "_kept")
 
     def __init__(self, history: History, metrics: Metrics, operation: str, token: bytes | None) -> None:
         self.history = history
@@ -44,6 +44,7 @@ class Exchange:
         self.overhead: float | None = None
         self._closed = False
         self._tap: UsageTap | None = None
+        self._kept: bytearray | None = None
 
     @property
     def id(self) -> str:
@@ -102,22 +103,19 @@ class Exchange:
         """
         self._tap = tap
 
-    def sent(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The stream as the client gets it; with ``history.capture_bodies`` through a layer that keeps
-        the frames as sent (up to ``max_body_bytes``) for the history row, otherwise as it is."""
-        return self._capturing(frames) if self.history.capture_bodies else frames
-
-    async def _capturing(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        kept = bytearray()
+    def keeper(self) -> Callable[[bytes], None] | None:
+        """With ``history.capture_bodies``, what keeps a stream's frames as sent (up to ``max_body_bytes``)
+        for the history row, which gets them when the exchange closes; otherwise None."""
+        if not self.history.capture_bodies:
+            return None
+        kept = self._kept = bytearray()
         limit = self.history.max_body_bytes
-        try:
-            async for frame in frames:
-                if len(kept) < limit:
-                    kept += frame[: limit - len(kept)]
-                yield frame
-        finally:
-            self.record.response_body = bytes(kept)  # the SSE frames as sent, up to max_body_bytes
-            await frames.aclose()  # type: ignore[attr-defined]
+
+        def keep(frame: bytes) -> None:
+            if len(kept) < limit:
+                kept.extend(frame[: limit - len(kept)])
+
+        return keep
 
     def close(self, status: str, http_status: int, error: ProxyError | str | None = None) -> None:
         if self._closed:
@@ -128,6 +126,8 @@ class Exchange:
             prompt, completion = self._tap.tokens
             if prompt is not None:
                 record.prompt_tokens, record.completion_tokens = prompt, completion
+        if self._kept is not None:  # the SSE frames as sent, up to max_body_bytes
+            record.response_body = bytes(self._kept)
         record.status = status  # type: ignore[assignment]
         record.http_status = http_status
         if error is not None:

@@ -158,14 +158,12 @@ class Gateway:
         headers = [*_proxy_headers(outcome), _MISS, *exchange.headers()]
         store = lookup is not None and self.caching.storable(lookup, route, outcome)
         if isinstance(outcome.reply, Stream):
-            frames, tap, usage_source = self._tapped(outcome.reply.frames, outcome.candidate, operation, body)
-            if store:
-                frames = self.caching.storing(lookup, route, frames)  # type: ignore[arg-type]
-            if not (body.get("stream_options") or {}).get("include_usage"):
-                frames = usage.dropped(frames)
+            stored = self.caching.storing(lookup, route) if store else None  # type: ignore[arg-type]
+            frames, tap, usage_source = self._relayed(outcome.reply.frames, outcome.candidate, operation, body,
+                                                      stored, exchange.keeper())  # fmt: skip
             headers.append((b"x-proxy-usage", usage_source))
             exchange.count_with(tap)
-            return _sse(exchange.sent(frames), headers, exchange, ingress)
+            return _sse(frames, headers, exchange, ingress)
         exchange.tokens_from_body(outcome.reply)
         if store:
             self.caching.store_body(lookup, route, outcome.reply)  # type: ignore[arg-type]
@@ -173,9 +171,10 @@ class Gateway:
         exchange.close("ok", 200)
         return response
 
-    def _tapped(self, frames, candidate: Candidate, operation: Operation,
-                body: dict) -> tuple[AsyncIterator[bytes], UsageTap, bytes]:  # fmt: skip
-        """The stream with a usage chunk guaranteed, its tap, and where the numbers come from."""
+    def _relayed(self, frames, candidate: Candidate, operation: Operation, body: dict, stored: usage.Store | None,
+                 keep: Callable[[bytes], None] | None) -> tuple[AsyncIterator[bytes], UsageTap, bytes]:  # fmt: skip
+        """The stream as the client gets it (usage guaranteed to the tap and the cache, to the client
+        only if it asked), its tap, and where the numbers come from."""
         config = getattr(candidate.backend, "config", None)
         kind = config.kind if config is not None else "openai"
         name = candidate.backend.name
@@ -202,7 +201,9 @@ class Gateway:
                 self.usage_sources[name] = tap.usage is not None
 
         tap = UsageTap(count=count, prompt_estimate=prompt_tokens)
-        frames = usage.tapped(frames, tap, learn, tokenized if exact is not None else None)
+        drop_usage = not (body.get("stream_options") or {}).get("include_usage")
+        frames = usage.relayed(frames, tap, drop_usage=drop_usage, store=stored, keep=keep, on_end=learn,
+                               before_end=tokenized if exact is not None else None)  # fmt: skip
         return frames, tap, usage.source(kind, self.usage_sources.get(name))
 
     def _from_cache(self, stored: bytes, operation: Operation, route: Route, body: dict,

@@ -12,7 +12,7 @@ the way to the client:
   server's tokenizer where it has one (the gateway asks it while the answer is
   generated), else estimated like the context window (:mod:`proxy.tokens`).
   The cache stores that stream, so a replay has usage too.
-- :func:`dropped`, last, takes the usage chunk out again for a client that did
+- :func:`relayed` runs the tap and, last, takes the usage chunk out again for a client that did
   not ask for it (``stream_options.include_usage``): it sees what it asked for.
 
 Counting costs a byte search per chunk, so it only runs where a backend may
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import orjson
 
@@ -125,23 +126,54 @@ class UsageTap:
         return b"data: " + orjson.dumps({**head, "choices": [], "usage": self.counted}) + b"\n\n"
 
 
-async def tapped(frames: AsyncIterator[bytes], tap: UsageTap, on_end: Callable[[UsageTap], None] | None = None,
-                 before_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
-    """The stream through ``tap``; ``before_end`` is awaited before the last event, when usage is counted."""
+class Store(Protocol):
+    """Something that sees the stream with its usage chunk and keeps it if it ends cleanly (the cache)."""
+
+    def feed(self, frame: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+async def relayed(frames: AsyncIterator[bytes], tap: UsageTap, *, drop_usage: bool = False,
+                  store: Store | None = None, keep: Callable[[bytes], None] | None = None,
+                  on_end: Callable[[UsageTap], None] | None = None,
+                  before_end: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:  # fmt: skip
+    """The stream from the backend to the client in one layer: through ``tap``, to ``store`` with
+    its usage chunk, without it when ``drop_usage`` (the client did not ask), then to ``keep`` as sent.
+
+    One generator for what used to be four (tap, cache, drop, capture): every layer is one more
+    frame that each chunk enters and leaves. ``before_end`` is awaited before the last event when
+    usage is counted; ``on_end`` and ``store.finish`` run only when the stream ended cleanly.
+    """
     try:
         async for frame in frames:
             if before_end is not None and b"[DONE]" in frame and tap.usage is None:
                 await before_end()
             out = tap.feed(frame)
             if out:
-                yield out
-        rest = tap.flush()
+                if store is not None:
+                    store.feed(out)
+                if drop_usage and b"usage" in out:
+                    out = without_usage(out)
+                if out:
+                    if keep is not None:
+                        keep(out)
+                    yield out
+        rest = tap.flush()  # a partial event left at the end, as the chain before passed it on
+        if rest and store is not None:
+            store.feed(rest)
+        if rest and drop_usage and b"usage" in rest:
+            rest = without_usage(rest)
         if rest:
+            if keep is not None:
+                keep(rest)
             yield rest
     finally:
         await frames.aclose()  # type: ignore[attr-defined]
     if on_end is not None:
         on_end(tap)
+    if store is not None:
+        store.finish()
 
 
 def _only_usage(event: bytes) -> bool:
@@ -154,17 +186,10 @@ def _only_usage(event: bytes) -> bool:
         return False
 
 
-async def dropped(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The stream without its trailing usage chunk, for a client that did not ask for one.
+def without_usage(frame: bytes) -> bytes:
+    """``frame`` without the trailing usage chunk, for a client that did not ask for one.
 
-    Frames arrive whole events at a time (:class:`UsageTap` aligns them), so only a frame
-    that mentions usage is split.
+    Frames arrive whole events at a time (:class:`UsageTap` aligns them), so splitting on the
+    blank line finds whole events.
     """
-    try:
-        async for frame in frames:
-            if b"usage" in frame:
-                frame = b"".join(e + b"\n\n" for e in frame.split(b"\n\n") if e and not _only_usage(e))
-            if frame:
-                yield frame
-    finally:
-        await frames.aclose()  # type: ignore[attr-defined]
+    return b"".join(e + b"\n\n" for e in frame.split(b"\n\n") if e and not _only_usage(e))

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from proxy.sim import Behavior, SimOllama, SimVLLM
-from proxy.usage import UsageTap, dropped, source
+from proxy.usage import UsageTap, relayed, source
 from tests.support import ollama_models, running_proxy, wait_for
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -72,7 +72,8 @@ def test_a_client_that_did_not_ask_gets_no_usage_chunk():
             for frame in (_chunk("a"), continuous, _USAGE_CHUNK + _DONE):
                 yield frame
 
-        return b"".join([f async for f in dropped(frames())])
+        tap = UsageTap(count=False, prompt_estimate=lambda: 0)
+        return b"".join([f async for f in relayed(frames(), tap, drop_usage=True)])
 
     out = asyncio.run(run())
     assert out == _chunk("a") + continuous + _DONE  # only the trailing usage chunk goes
