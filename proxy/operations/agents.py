@@ -36,8 +36,8 @@ from ..backends.agent import AgentClient
 from ..config import _http_url
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..storage.sealed import SealError
-from .distribution import tier_models
 from ..store.base import AGENT, Change
+from .distribution import tier_models
 
 if TYPE_CHECKING:
     from .fleet import Fleet
