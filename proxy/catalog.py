@@ -148,6 +148,11 @@ class Catalog:
             learned.system_role = False
         if alternation:
             learned.alternating_roles = True
-        log.info("model %s on %s: template limits learned (system role: %s, alternation: %s)",
-                 served, backend, learned.system_role, learned.alternating_roles)
+        log.info(
+            "model %s on %s: template limits learned (system role: %s, alternation: %s)",
+            served,
+            backend,
+            learned.system_role,
+            learned.alternating_roles,
+        )
         return learned

@@ -56,7 +56,11 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _node_name(value: str) -> str | None:
-    return None if NODE_NAME.fullmatch(value) else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return (
+        None
+        if NODE_NAME.fullmatch(value)
+        else "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    )
 
 
 def _cron(value: str) -> str | None:
@@ -523,7 +527,9 @@ def _check_references(config: Config, problems: list[str]) -> None:
         if backend is None:
             continue
         if backend.name in seen:
-            problems.append(f"backends[{i}].name: duplicate name {backend.name!r} (also backends[{seen[backend.name]}])")
+            problems.append(
+                f"backends[{i}].name: duplicate name {backend.name!r} (also backends[{seen[backend.name]}])"
+            )
         seen.setdefault(backend.name, i)
     names = ", ".join(seen) or "none defined"
     aliases: dict[str, int] = {}

@@ -114,14 +114,22 @@ class Resolver:
         groups = [self._alias_candidates(alias)]
         for other in alias.fallback:
             groups.append(self._named(other))
-        return Route(name, alias.target, tuple(groups), alias, "fallback order: " + ", ".join(alias.fallback) if alias.fallback else "")
+        return Route(
+            name,
+            alias.target,
+            tuple(groups),
+            alias,
+            "fallback order: " + ", ".join(alias.fallback) if alias.fallback else "",
+        )
 
     def _named(self, name: str) -> tuple[Candidate, ...]:
         alias = self.aliases.get(name)
         return self._alias_candidates(alias) if alias else self._serving(name, self.backends)
 
     def _alias_candidates(self, alias: ModelConfig) -> tuple[Candidate, ...]:
-        listed = {b: self.backends[b] for b in alias.backends if b in self.backends} if alias.backends else self.backends
+        listed = (
+            {b: self.backends[b] for b in alias.backends if b in self.backends} if alias.backends else self.backends
+        )
         candidates = self._serving(alias.target, listed, alias)
         if alias.backends:
             # A backend the config says serves the target, but that has not answered a listing
@@ -134,7 +142,9 @@ class Resolver:
             )
         return candidates
 
-    def _serving(self, model: str, backends: dict[str, Backend], alias: ModelConfig | None = None) -> tuple[Candidate, ...]:
+    def _serving(
+        self, model: str, backends: dict[str, Backend], alias: ModelConfig | None = None
+    ) -> tuple[Candidate, ...]:
         out = []
         for name, backend in backends.items():
             served = self.catalog.served_name(name, model)
@@ -181,7 +191,9 @@ class Resolver:
                 continue
             if any(need not in offered for need in needs) and self._reports_capabilities(model):
                 continue
-            position = model.capabilities.index(capability) if capability in model.capabilities else len(model.capabilities)
+            position = (
+                model.capabilities.index(capability) if capability in model.capabilities else len(model.capabilities)
+            )
             scored.append(((position, model.preference, order), model))
         return [model for _, model in sorted(scored, key=lambda pair: pair[0])]
 
@@ -210,9 +222,7 @@ class Resolver:
         views = self.catalog.views
         relevant = route.alias.backends if route.alias and route.alias.backends else tuple(self.backends)
         down = [n for n in relevant if n in views and not views[n].reachable]
-        what = (
-            f"model {route.public!r} (an alias for {route.target!r})" if route.alias else f"model {route.public!r}"
-        )
+        what = f"model {route.public!r} (an alias for {route.target!r})" if route.alias else f"model {route.public!r}"
         if down and len(down) == len(relevant):
             return BackendUnavailable(f"{what} cannot be served: no backend is reachable ({', '.join(down)})")
         if route.alias:
@@ -284,4 +294,3 @@ class Resolver:
                 if "target" not in card:
                     card["served_by"].append(name)
         return list(out.values())
-

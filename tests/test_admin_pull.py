@@ -264,7 +264,11 @@ def test_bad_requests(tmp_path):
                 (http.post("/admin/models/pull", json={"model": "x", "nodes": 5}), 400, "nodes"),
                 (http.post("/admin/models/pull", json={"model": "x", "nodes": "auto"}), 409, "nodes"),
                 (http.post("/admin/models/pull", json={"model": "x", "force": "yes"}), 400, "force"),
-                (http.post("/admin/models/pull", content=b"{", headers={"content-type": "application/json"}), 400, None),
+                (
+                    http.post("/admin/models/pull", content=b"{", headers={"content-type": "application/json"}),
+                    400,
+                    None,
+                ),
                 (http.get("/admin/operations", params={"state": "bogus"}), 400, "state"),
                 (http.get("/admin/operations", params={"colour": "red"}), 400, "colour"),
                 (http.get("/admin/operations/op_nope"), 404, "id"),

@@ -46,14 +46,18 @@ def test_check_config_on_the_shipped_file():
     result = run_cli("check-config", "--config", "config.yaml")
     assert result.returncode == 0, result.stderr
     assert "config.yaml: OK" in result.stdout
-    assert "chat   -> llama3.1:8b  @ any backend that serves it  capabilities=chat,tools  fallback=small" in result.stdout
+    assert (
+        "chat   -> llama3.1:8b  @ any backend that serves it  capabilities=chat,tools  fallback=small" in result.stdout
+    )
     assert "general_chat -> chat: chat > small" in result.stdout
     assert "local-ollama  ollama  http://127.0.0.1:11434" in result.stdout
 
 
 def test_check_config_reports_errors_and_exits_1(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("backends:\n  - {name: a, kind: ollama, url: 'http://x'}\n  - {name: b, kind: tgi, url: 'http://y'}\n")
+    bad.write_text(
+        "backends:\n  - {name: a, kind: ollama, url: 'http://x'}\n  - {name: b, kind: tgi, url: 'http://y'}\n"
+    )
     result = run_cli("check-config", "--config", str(bad))
     assert result.returncode == 1
     assert "backends[1].kind: expected one of ollama, vllm, openai, got 'tgi'" in result.stderr

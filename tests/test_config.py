@@ -60,7 +60,9 @@ def test_every_problem_is_reported_with_its_key_path():
     )
     assert "server.port: expected an integer, got 'eighty'" in found
     # The list of valid keys grows with ServerConfig; what matters is the path, the verdict and the list's start.
-    assert any(p.startswith("server.colour: unknown key (valid keys: host, port, api_keys, admin_keys, ") for p in found)
+    assert any(
+        p.startswith("server.colour: unknown key (valid keys: host, port, api_keys, admin_keys, ") for p in found
+    )
     assert "backends[1].kind: expected one of ollama, vllm, openai, got 'tgi'" in found
     assert "backends[2].url: expected an http:// or https:// URL, got 'not a url'" in found
     assert "backends[3].name: required (a string)" in found

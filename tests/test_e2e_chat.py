@@ -52,9 +52,7 @@ def test_chat_non_streaming(client, request, model, sim_name):
 def test_chat_streaming(client, request, model, sim_name):
     sim = request.getfixturevalue(sim_name)
     sim.behavior = Behavior(reply="one two three four five")
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "count"}], stream=True
-    )
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "count"}], stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three four five"
@@ -134,8 +132,11 @@ def test_tool_result_round_trip_reaches_ollama_natively(client, ollama):
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "call_abc", "type": "function",
-                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+                    {
+                        "id": "call_abc",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
                 ],
             },  # fmt: skip
             {"role": "tool", "tool_call_id": "call_abc", "content": "18C and sunny"},
@@ -206,11 +207,11 @@ def test_reasoning_becomes_reasoning_content(client, ollama):
     assert last_body(ollama, "/api/chat")["think"] == "high"
 
     chunks = list(
-        client.chat.completions.create(
-            model="thinker", messages=[{"role": "user", "content": "Answer?"}], stream=True
-        )
+        client.chat.completions.create(model="thinker", messages=[{"role": "user", "content": "Answer?"}], stream=True)
     )
-    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+    )
     assert reasoning == "Let me think this through."
 
 
@@ -265,7 +266,9 @@ def test_completions_legacy_endpoint(client, ollama, vllm):
     assert resp.object == "text_completion"
     assert resp.model == "chat"
     assert last_body(ollama, "/api/generate")["prompt"] == "Once"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="chat", prompt="Once", stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="chat", prompt="Once", stream=True) if c.choices
+    )
     assert streamed == "upon a time"
     resp = client.completions.create(model="qwen-chat", prompt="Once", max_tokens=10)
     assert resp.model == "qwen-chat" and resp.choices[0].text

@@ -284,6 +284,7 @@ def _serve(sim, tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
 def test_metrics_add_up_across_worker_processes(node, tmp_path):
     proc, url = _serve(node, tmp_path, "--workers", "2")
     try:
+
         async def load():
             async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-app-1"}, timeout=10) as http:
                 # fresh connections, so the kernel spreads them over both workers
@@ -309,6 +310,7 @@ def test_sigterm_under_load_loses_no_history_row(node, tmp_path):
 
     async def load():
         async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-app-1"}, timeout=20) as http:
+
             async def user():
                 for _ in range(50):
                     try:

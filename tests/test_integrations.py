@@ -33,7 +33,10 @@ def test_langchain_embeddings(proxy, ollama):
     # LangChain's advice for any non-OpenAI server: send text, not tiktoken ids. no-store: embed_query
     # must be answered by the backend, not by the cache embed_documents just filled.
     emb = langchain_openai.OpenAIEmbeddings(
-        model="embed", base_url=f"{proxy.url}/v1", api_key="unused", check_embedding_ctx_length=False,
+        model="embed",
+        base_url=f"{proxy.url}/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
         default_headers={"Cache-Control": "no-store"},
     )
     vectors = emb.embed_documents(["alpha", "beta"])

@@ -108,4 +108,3 @@ def test_an_admin_body_one_byte_over_the_limit_is_413(proxy, with_length):
     body = sized({"name": "big", "url": "http://127.0.0.1:9"}, "kind", LIMIT + 1)
     assert_too_large(post(f"{proxy.url}/admin/nodes", body, with_length=with_length))
     assert "big" not in [n["name"] for n in httpx.get(f"{proxy.url}/admin/nodes", timeout=5).json()["data"]]
-

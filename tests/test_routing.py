@@ -333,9 +333,10 @@ NO_SYSTEM_TEMPLATE = ('{{- range .Messages }}{{ if eq .Role "user" }}<start_of_t
 
 def test_ollama_template_without_system_is_detected_and_adapted():
     spec = ModelSpec("oldgemma:2b", capabilities=("completion",), template=NO_SYSTEM_TEMPLATE)
-    with SimOllama(models=[spec, *ollama_models()]) as sim, running_proxy(
-        {"backends": [{"name": "n", "kind": "ollama", "url": sim.url}]}
-    ) as server:
+    with (
+        SimOllama(models=[spec, *ollama_models()]) as sim,
+        running_proxy({"backends": [{"name": "n", "kind": "ollama", "url": sim.url}]}) as server,
+    ):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         client.chat.completions.create(model="oldgemma:2b", messages=system)

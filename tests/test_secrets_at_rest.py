@@ -80,7 +80,9 @@ def test_what_registration_accepts_survives_a_restart_and_what_it_cannot_keep_is
     with running_proxy(config) as proxy:
         nodes = f"{proxy.url}/admin/nodes"
         # Not a variable the proxy lends out: refused with the rule, rather than accepted and lost later.
-        home = httpx.post(nodes, json={"name": "h", "kind": "ollama", "url": "http://127.0.0.1:9", "api_key": "${HOME}"})
+        home = httpx.post(
+            nodes, json={"name": "h", "kind": "ollama", "url": "http://127.0.0.1:9", "api_key": "${HOME}"}
+        )
         assert home.status_code == 400 and home.json()["error"]["param"] == "api_key"
         assert "LLM_PROXY_" in home.json()["error"]["message"]
         unset = httpx.post(nodes, json={"name": "u", "kind": "ollama", "url": "http://127.0.0.1:9",

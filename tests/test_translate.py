@@ -190,7 +190,12 @@ def test_unsupported_parameters_are_refused_by_name(body, param):
 def test_completion_logprobs_legacy_shape():
     shape = ollama_text.TextShape("m", logprobs=1)
     agg = ollama_text.TextAggregate(shape)
-    agg.feed({"response": "Hi", "logprobs": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [{"token": "Hi", "logprob": -0.5}]}]})
+    agg.feed(
+        {
+            "response": "Hi",
+            "logprobs": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [{"token": "Hi", "logprob": -0.5}]}],
+        }
+    )
     agg.feed({"response": " there", "logprobs": [{"token": " there", "logprob": -1.0, "top_logprobs": []}]})
     agg.feed({"response": "", "done": True, "done_reason": "length", "prompt_eval_count": 2, "eval_count": 2})
     choice = agg.result()["choices"][0]
@@ -210,9 +215,7 @@ json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), st.
 arguments = st.dictionaries(st.text(min_size=1, max_size=8), json_scalars, max_size=4)
 tool_call = st.fixed_dictionaries({"name": st.text(min_size=1, max_size=12), "arguments": arguments})
 
-native_line = st.fixed_dictionaries(
-    {"content": text, "thinking": text, "tool_calls": st.lists(tool_call, max_size=2)}
-)
+native_line = st.fixed_dictionaries({"content": text, "thinking": text, "tool_calls": st.lists(tool_call, max_size=2)})
 
 
 @settings(max_examples=150, deadline=None)
@@ -269,7 +272,9 @@ def test_stream_round_trip_keeps_every_field(lines, done_reason, counts, include
     message = result["choices"][0]["message"]
     assert (message["content"] or "") == content
     assert message.get("reasoning_content", "") == thinking
-    assert [(c["function"]["name"], orjson.loads(c["function"]["arguments"])) for c in message.get("tool_calls", ())] == expected_calls
+    assert [
+        (c["function"]["name"], orjson.loads(c["function"]["arguments"])) for c in message.get("tool_calls", ())
+    ] == expected_calls
     assert result["choices"][0]["finish_reason"] == expected_finish
     assert result["usage"] == usage
     assert result["model"] == "alias"

@@ -39,7 +39,11 @@ def fleet_snapshot(services: Services) -> dict:
     catalog, resolver = services.catalog, services.resolver
     aliases = []
     for alias in services.resolver.alias_models():
-        served_by = [n for n in (alias.backends or catalog.backends) if n in catalog.views and catalog.served_name(n, alias.target)]
+        served_by = [
+            n
+            for n in (alias.backends or catalog.backends)
+            if n in catalog.views and catalog.served_name(n, alias.target)
+        ]
         usable = [n for n in served_by if catalog.health[n].eligible]
         aliases.append({"name": alias.name, "target": alias.target, "served_by": served_by,
                         "state": "ok" if usable else ("unavailable" if served_by else "not_served"),
@@ -75,7 +79,8 @@ def _model_entry(services: Services, public: str, target: str) -> dict:
             "state": catalog.health[name].state,
             **(info.as_dict() if info else {"capabilities": None, "context_length": None, "system_role": None}),
             "learned": {"system_role": learned.system_role, "alternating_roles": learned.alternating_roles}
-            if learned else None,
+            if learned
+            else None,
         }
     entry = {
         "name": public,

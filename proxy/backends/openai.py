@@ -70,7 +70,9 @@ class OpenAIBackend(HTTPBackend):
         if exc.status == 400 and (template := _template_complaint(msg)):
             return TemplateRejected(f"{where}: the model's chat template refused the conversation: {msg}", **template)
         if 400 <= exc.status < 500:
-            return BackendRejected(f"{where} rejected the request: {msg}", param=param if isinstance(param, str) else None)
+            return BackendRejected(
+                f"{where} rejected the request: {msg}", param=param if isinstance(param, str) else None
+            )
         return BackendError(f"{where} failed ({exc.status}): {msg}")
 
     async def _send(self, path: str, body: dict, target: str) -> Reply:

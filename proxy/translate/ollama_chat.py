@@ -277,7 +277,9 @@ class ChatStream:
                 calls = calls[:1]
             deltas = [_openai_tool_call(c, self.tool_calls + k) for k, c in enumerate(calls)]
             self.tool_calls += len(deltas)
-            out += self._frame({"content": None, "tool_calls": deltas} if not self.role_sent else {"tool_calls": deltas})
+            out += self._frame(
+                {"content": None, "tool_calls": deltas} if not self.role_sent else {"tool_calls": deltas}
+            )
         content = msg.get("content")
         if content:
             out += self._frame({"content": content}, logprobs)
