@@ -90,7 +90,7 @@ class Agent:
             log_path = settings.log_path or os.path.join(settings.models_dir, "runtime.log")
             self.supervisor = ChildSupervisor(settings.run, config.supervisor, log_path, env=child_env)
         elif settings.systemd_unit:
-            self.supervisor = SystemdUnit(settings.systemd_unit)
+            self.supervisor = SystemdUnit(settings.systemd_unit, env_dir=config.systemd.env_dir)
         else:
             self.supervisor = External()
         self.install_lock = asyncio.Lock()
@@ -341,9 +341,15 @@ async def _activate(agent: Agent, request: Request) -> Response:
         if not isinstance(value, str) or not _ARGUMENT.fullmatch(value):
             raise InvalidRequest(f"{key} must be a model id or path: letters, digits and ._:/@- only, not starting "
                                  "with - and without ..", param=key)  # fmt: skip
+    if isinstance(agent.supervisor, SystemdUnit):
+        try:
+            env_file = await agent.supervisor.switch_model(model, served, agent.settings.models_dir)
+        except (RuntimeError, OSError) as exc:
+            raise Conflict(f"switching {agent.supervisor.unit} to {model} failed: {exc}", param="model") from None
+        return _json({"env_file": str(env_file), "runtime": agent.supervisor.status()})
     if not isinstance(agent.supervisor, ChildSupervisor):
-        raise Conflict(f"the runtime runs in {agent.supervisor.mode} mode; only a runtime started with --run can be "
-                       "restarted onto another model by the agent", param="model")  # fmt: skip
+        raise Conflict(f"the runtime runs in {agent.supervisor.mode} mode; only a runtime the agent supervises "
+                       "(--run or --systemd-unit) can be restarted onto another model", param="model")  # fmt: skip
     argv = with_model(agent.supervisor.argv, model, served)
     await agent.supervisor.restart(argv)
     return _json({"argv": argv, "runtime": agent.supervisor.status()})
