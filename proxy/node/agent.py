@@ -52,6 +52,7 @@ TOKEN_ENV = "LLM_PROXY_NODE_TOKEN"
 ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
 _VERSION_PATHS = {"ollama": "/api/version", "vllm": "/version"}
 _REGISTER_RETRY = 2.0  # seconds between registration attempts while the proxy does not answer
+_STARTING_BEAT = 1.0  # seconds between heartbeats while the runtime is not running yet
 _ARGUMENT = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._:/@-]{1,256}")  # the rule of proxy/operations/activate.py
 
 
@@ -97,6 +98,7 @@ class Agent:
         self.started = time.monotonic()
         self.registered = False
         self.last_heartbeat: float | None = None
+        self.reported_state: str | None = None  # the runtime's state in the last registration or heartbeat
         self._http: httpx.AsyncClient | None = None
         self._beat: asyncio.Task | None = None
 
@@ -172,6 +174,7 @@ class Agent:
                 "agent_url": self.settings.listen_url, "token": self.token, "hardware": snap["hardware"],
                 "runtime": snap["runtime"], "alerts": snap["alerts"],
                 "gpu_memory_gb": hardware.gpu_memory_gb(snap["hardware"])}  # fmt: skip
+        self.reported_state = snap["runtime"]["state"]
         answer = await self._http.post(self.settings.proxy_url.rstrip("/") + "/admin/agents", json=body,
                                        headers=self._admin_headers())  # fmt: skip
         if answer.status_code not in (200, 201):
@@ -181,6 +184,7 @@ class Agent:
 
     async def heartbeat(self) -> None:
         snap = await self.snapshot()
+        self.reported_state = snap["runtime"]["state"]
         url = f"{self.settings.proxy_url.rstrip('/')}/admin/agents/{self.settings.name}/heartbeat"
         answer = await self._http.post(url, content=orjson.dumps(snap), headers={**self._admin_headers(),
                                        "content-type": "application/json"})  # fmt: skip
@@ -198,6 +202,9 @@ class Agent:
                 else:
                     await self.heartbeat()
                 wait = self.config.heartbeat_interval
+                if self.reported_state != "running":
+                    # A runtime still starting: say so the moment it runs, so the proxy routes to it then.
+                    wait = min(_STARTING_BEAT, wait)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the proxy may be down or restarting: keep trying

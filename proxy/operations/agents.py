@@ -184,6 +184,11 @@ class AgentLinks:
                            param="name")  # fmt: skip
         link.snapshot, link.seen = _snapshot(body), time.time()
         await self.fleet.store.publish(AGENT, name, {"snapshot": link.snapshot, "seen": link.seen})
+        # An agent registers as it starts its runtime, so the first probe usually finds nothing yet: once the
+        # agent says the runtime runs, look again now rather than at the next health round.
+        runtime = link.snapshot.get("runtime") or {}
+        if runtime.get("state") == "running" and self.parts.catalog.views[name].reachable is not True:
+            self.fleet.spawn(self.parts.catalog.refresh_if_stale())
 
     async def apply(self, change: Change) -> None:
         """Another process heard from an agent."""
