@@ -7,7 +7,8 @@ metadata, and ``HEAD``/``GET`` on ``/{repo}/resolve/{revision}/{path}`` with
 relative redirect for them (as the hub does), and ``Range``. Faults on request:
 ``corrupt_once`` serves wrong bytes (right length) once, ``cut_once`` closes the
 connection once after a given number of body bytes, so the client must resume
-with Range. (The client resumes from the last whole chunk it wrote, 10 MiB, so a
+with Range; ``hold_once`` sends part of a body and waits for an event before the
+rest, so a test can cancel a transfer with bytes already on disk. (The client resumes from the last whole chunk it wrote, 10 MiB, so a
 resume test cuts a file past that.)
 
 A plain ``http.server`` rather than an ASGI app: cutting a body short at a
@@ -71,6 +72,8 @@ class FakeHub:
         self.corrupt_once: set[str] = set()
         self.cut_once: dict[str, int] = {}  # path -> bytes sent before the connection is closed
         self.slow: dict[str, float] = {}  # path -> seconds to wait before each 64 KiB of its body
+        # path -> (bytes sent, then wait for the event before the rest): a transfer held mid-way, once
+        self.hold_once: dict[str, tuple[int, threading.Event]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -209,6 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub._lock:
             corrupt = name in self.hub.corrupt_once
             cut = self.hub.cut_once.pop(name, None)
+            hold = self.hub.hold_once.pop(name, None)
             self.hub.corrupt_once.discard(name)
         if corrupt:
             data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
@@ -230,6 +234,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
+        if hold is not None:
+            self.wfile.write(body[: hold[0]])
+            self.wfile.flush()
+            hold[1].wait(60)
+            body = body[hold[0] :]
         delay = self.hub.slow.get(name)
         if not delay:
             self.wfile.write(body)

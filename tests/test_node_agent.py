@@ -154,3 +154,20 @@ def test_the_agent_refuses_a_model_that_could_pass_for_an_option(tmp_path):
                 assert refused.status_code == 400, refused.text
             assert http.post("/hf/pull", json={"model": "not-a-repo"}).json()["error"]["param"] == "model"
         assert agent.status()["runtime"]["restarts"] == 0
+
+
+def test_a_runtime_that_starts_after_registering_is_online_before_the_next_health_round(tmp_path):
+    # The agent registers as it starts its runtime, so the proxy's first probe finds nothing; the agent
+    # beats again as soon as the runtime runs, and the proxy looks again then: well before either's
+    # ten- and thirty-second rounds. (A request would make the proxy look too; the overview would not.)
+    port = free_port()
+    slow = "supervisor:\n  backoff: 0.2\nheartbeat_interval: 10\n"
+    with running_proxy(proxy_config(tmp_path)) as proxy, admin(proxy) as http:
+        with running_agent(tmp_path, name="gpu-s", runtime="vllm", runtime_url=f"http://127.0.0.1:{port}",
+                           proxy_url=proxy.url, config=slow,
+                           run=f"sh -c 'sleep 2; exec {sim_command(port, '--served-model-name', 'tiny')}'") as agent:  # fmt: skip
+            first = wait_until(lambda: node(http, "gpu-s"), 30)
+            assert first and first["state"] != "online", agent.log()  # what the first probe found
+            assert wait_until(lambda: node(http, "gpu-s")["state"] == "online", 7), (node(http, "gpu-s"), agent.log())
+            loaded = node(http, "gpu-s")["loaded"]
+            assert [m["model"] for m in loaded] == ["tiny"]

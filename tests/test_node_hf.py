@@ -151,3 +151,41 @@ def test_delete_removes_the_repository_and_its_manifest_entry(hub, tmp_path):
     assert client.delete(REPO) is True
     assert not repo_folder(tmp_path, REPO).exists() and client.manifest() == []
     assert client.delete(REPO) is False
+
+
+def test_a_download_cancelled_part_way_continues_from_the_bytes_on_disk_after_a_restart(tmp_path, monkeypatch):
+    # Small chunks, so a cancel leaves bytes on disk without a 10 MiB file (the client writes whole chunks).
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    with FakeHub() as hub:
+        hub.repos[REPO] = tiny_repo(1_000_000)
+        data = hub.repos[REPO].files["model.safetensors"]
+        cancelled = threading.Event()
+        started: list[int] = []
+
+        def progress(done, total, status):
+            if status.startswith("downloading model.safetensors"):
+                started.append(done)
+                if done - started[0] >= 300_000:
+                    cancelled.set()
+
+        first = HubClient(str(tmp_path), endpoint=hub.url)
+        with pytest.raises(Cancelled):
+            first.download(first.plan(REPO), progress, cancelled)
+        partial = repo_folder(tmp_path, REPO) / "blobs" / f"{hashlib.sha256(data).hexdigest()}.incomplete"
+        kept = partial.stat().st_size
+        assert 300_000 <= kept < len(data) and partial.read_bytes() == data[:kept]
+
+        hub.requests.clear()
+        again = HubClient(str(tmp_path), endpoint=hub.url)  # a new client: as after an agent restart
+        plan = again.plan(REPO)
+        assert plan.cached_bytes >= kept  # the disk check counts only what is left to fetch
+        seen = []
+        entry = again.download(plan, lambda *a: seen.append(a))
+        gets = hub.gets("/model.safetensors")
+    assert [r for _, _, r in gets] == [f"bytes={kept}-"]
+    assert {f["name"]: f["sha256"] for f in entry["files"]}["model.safetensors"] == hashlib.sha256(data).hexdigest()
+    snapshot = repo_folder(tmp_path, REPO) / "snapshots" / plan.commit
+    assert (snapshot / "model.safetensors").read_bytes() == data and not partial.exists()
+    assert entry["refetched"] == []

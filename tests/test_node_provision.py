@@ -5,6 +5,8 @@ the runtime with --model and --served-model-name, deletes refuse a model an alia
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from pathlib import Path
 
 from tests.hub_fake import FakeHub, Repo, tiny_repo  # first: the client's environment
@@ -112,28 +114,44 @@ def test_hugging_face_pulls_need_a_vllm_node_with_an_agent(tmp_path):
         assert (view["agent"], view["hardware"], view["runtime"], view["alerts"]) == (False, None, None, [])
 
 
-def test_a_hugging_face_pull_can_be_cancelled_and_retried(tmp_path):
+def test_a_hugging_face_pull_can_be_cancelled_and_retried_and_the_retry_resumes(tmp_path):
     port = free_port()
     with FakeHub() as hub, running_proxy(proxy_config(tmp_path)) as proxy, admin(proxy) as http:
-        hub.repos["acme/slow"] = tiny_repo(1_500_000)
-        hub.slow["model.safetensors"] = 0.1  # about 2.5 s for the weights
-        with running_agent(tmp_path, name="gpu-c", runtime="vllm", runtime_url=f"http://127.0.0.1:{port}",
-                           proxy_url=proxy.url, run=sim_command(port), config="heartbeat_interval: 0.5\n"
-                           "disk: {min_free_gb: 0}\n", env={"HF_ENDPOINT": hub.url}) as agent:  # fmt: skip
-            assert wait_until(lambda: node(http, "gpu-c"), 60), agent.log()
-            started = http.post("/admin/models/pull", json={"model": "acme/slow", "source": "huggingface",
-                                                            "nodes": ["gpu-c"]})  # fmt: skip
-            op_id = started.json()["data"][0]["id"]
-            assert wait_until(lambda: "model.safetensors" in http.get(f"/admin/operations/{op_id}").json()["status"],
-                              30)  # fmt: skip
-            assert wait_until(lambda: node(http, "gpu-c")["downloading"], 10)
-            cancelled = http.delete(f"/admin/operations/{op_id}").json()
-            assert cancelled["state"] == "cancelled"
-            # The agent stops at its next chunk (or file) and records nothing.
-            assert http.get("/admin/nodes/gpu-c/manifest").json()["data"] == []
-            retried = http.post(f"/admin/operations/{op_id}/retry")
-            assert retried.status_code == 202, retried.text
-            done = wait_op(http, op_id, timeout=60)
-            assert done["state"] == "succeeded", done
-            assert done["completed"] == done["total"] > 1_500_000
-            assert [m["model"] for m in http.get("/admin/nodes/gpu-c/manifest").json()["data"]] == ["acme/slow"]
+        # Past the client's 10 MiB write chunk, so a whole chunk is on disk when the transfer is held.
+        hub.repos["acme/slow"] = tiny_repo(11 * 1024 * 1024)
+        weights = hub.repos["acme/slow"].files["model.safetensors"]
+        release = threading.Event()
+        hub.hold_once["model.safetensors"] = (10 * 1024 * 1024 + 4096, release)
+        partial = (tmp_path / "models" / "models--acme--slow" / "blobs"
+                   / f"{hashlib.sha256(weights).hexdigest()}.incomplete")  # fmt: skip
+        try:
+            with running_agent(tmp_path, name="gpu-c", runtime="vllm", runtime_url=f"http://127.0.0.1:{port}",
+                               proxy_url=proxy.url, run=sim_command(port), config="heartbeat_interval: 0.5\n"
+                               "disk: {min_free_gb: 0}\n", env={"HF_ENDPOINT": hub.url}) as agent:  # fmt: skip
+                assert wait_until(lambda: node(http, "gpu-c"), 60), agent.log()
+                started = http.post("/admin/models/pull", json={"model": "acme/slow", "source": "huggingface",
+                                                                "nodes": ["gpu-c"]})  # fmt: skip
+                op_id = started.json()["data"][0]["id"]
+                assert wait_until(lambda: "model.safetensors" in http.get(f"/admin/operations/{op_id}").json()["status"],
+                                  30)  # fmt: skip
+                assert wait_until(lambda: node(http, "gpu-c")["downloading"], 10)
+                assert wait_until(lambda: partial.exists() and partial.stat().st_size == 10 * 1024 * 1024, 30)
+                cancelled = http.delete(f"/admin/operations/{op_id}").json()
+                assert cancelled["state"] == "cancelled"
+                release.set()  # the agent sees the cancel at its next chunk, keeping the bytes it wrote
+                # It records nothing.
+                assert http.get("/admin/nodes/gpu-c/manifest").json()["data"] == []
+                retried = http.post(f"/admin/operations/{op_id}/retry")
+                assert retried.status_code == 202, retried.text
+                done = wait_op(http, op_id, timeout=60)
+                assert done["state"] == "succeeded", done
+                assert done["completed"] == done["total"] > len(weights)
+                (entry,) = http.get("/admin/nodes/gpu-c/manifest").json()["data"]
+        finally:
+            release.set()
+    assert entry["model"] == "acme/slow"
+    files = {f["name"]: f["sha256"] for f in entry["files"]}
+    assert files["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+    # The retry asked only for what was missing.
+    assert [r for _, _, r in hub.gets("/model.safetensors")] == [None, "bytes=10485760-"]
+    assert not partial.exists()

@@ -63,7 +63,9 @@ FAKE_SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "{calls}"
 case "$1" in
   is-active) state=$(cat "{state}" 2>/dev/null || echo inactive); echo "$state"; [ "$state" = active ] ;;
-  start|restart) echo active > "{state}" ;;
+  start|restart) echo active > "{state}"
+                 # What the unit would read at this (re)start: the agent writes its file before.
+                 for f in "{env_dir}"/*.env; do [ -f "$f" ] && {{ echo "$*"; cat "$f"; }} >> "{seen}"; done; true ;;
   stop) echo inactive > "{state}" ;;
   show) echo "MainPID={pid}"; echo "ActiveState=$(cat "{state}")"; echo "SubState=running"; echo "NRestarts=2"
         # CLOCK_MONOTONIC in microseconds, 5 s ago, as systemd reports it.
@@ -77,7 +79,8 @@ def _fake_systemctl(tmp_path, pid: int):
     bin_dir.mkdir(exist_ok=True)
     calls, state = tmp_path / "calls.txt", tmp_path / "state.txt"
     script = bin_dir / "systemctl"
-    script.write_text(FAKE_SYSTEMCTL.format(calls=calls, state=state, pid=pid, python=sys.executable))
+    script.write_text(FAKE_SYSTEMCTL.format(calls=calls, state=state, pid=pid, python=sys.executable,
+                                            env_dir=tmp_path / "unit-env", seen=tmp_path / "seen.txt"))  # fmt: skip
     script.chmod(0o755)
     return bin_dir, calls, state
 
@@ -92,18 +95,31 @@ def test_systemd_mode_drives_the_unit_with_systemctl_and_adopts_an_active_one(tm
         bin_dir, calls, state = _fake_systemctl(tmp_path, os.getpid())
         env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
         with running_agent(tmp_path, name="gpu-s", runtime="vllm", runtime_url=sim.url, proxy_url="http://127.0.0.1:1",
-                           env=env, systemd_unit="vllm@gpu-s.service") as agent:  # fmt: skip
+                           env=env, systemd_unit="vllm@gpu-s.service",
+                           config=f"systemd: {{env_dir: {tmp_path / 'unit-env'}}}\n") as agent:  # fmt: skip
             runtime = wait_until(lambda: (r := agent.status()["runtime"]) and r["state"] == "running" and r, 30)
             assert runtime, agent.log()
             assert (runtime["mode"], runtime["pid"], runtime["restarts"]) == ("systemd", os.getpid(), 2)
             assert 4 <= runtime["uptime_seconds"] <= 7  # entered 5 s before "now", as the fake says
             with agent.client() as http:
                 assert http.post("/runtime/restart").status_code == 200
-                refused = http.post("/runtime/activate", json={"model": "acme/other"})
-            assert refused.status_code == 409 and "systemd mode" in refused.json()["error"]["message"]
+                assert not (tmp_path / "seen.txt").exists()  # a plain restart writes no file
+                switched = http.post("/runtime/activate", json={"model": "acme/other", "served_name": "other"})
+                bad = http.post("/runtime/activate", json={"model": "acme/x\nEXTRA_ARGS=--evil"})
+            assert switched.status_code == 200, switched.text
+            assert bad.status_code == 400  # nothing that could add a line to the file
+        env_file = tmp_path / "unit-env" / "vllm@gpu-s.env"
+        assert switched.json()["env_file"] == str(env_file)
+        assert env_file.stat().st_mode & 0o777 == 0o644
+        written = [line for line in env_file.read_text().splitlines() if not line.startswith("#")]
+        assert written == ["MODEL=acme/other", "SERVED_MODEL_NAME=other", f"HF_HUB_CACHE={tmp_path / 'models'}"]
+        # The file was in place when the unit restarted, and the restart came after it.
+        assert (tmp_path / "seen.txt").read_text().splitlines()[0] == "restart --no-ask-password vllm@gpu-s.service"
+        assert "MODEL=acme/other" in (tmp_path / "seen.txt").read_text()
+        assert [p.name for p in env_file.parent.iterdir()] == [env_file.name]  # no temporary file left
         lines = calls.read_text().splitlines()
         assert lines[:2] == ["is-active vllm@gpu-s.service", "start --no-ask-password vllm@gpu-s.service"]
-        assert "restart --no-ask-password vllm@gpu-s.service" in lines
+        assert lines.count("restart --no-ask-password vllm@gpu-s.service") == 2
         assert any(line.startswith("show vllm@gpu-s.service --property=MainPID") for line in lines)
         assert not any(line.startswith("stop") for line in lines)  # the unit outlives the agent
 

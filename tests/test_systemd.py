@@ -130,7 +130,8 @@ def test_ollama_and_vllm_units_run_what_the_docs_say():
     assert ollama["ExecStart"] == ["/usr/local/bin/ollama serve"] and ollama["User"] == ["ollama"]
     assert "OLLAMA_HOST=127.0.0.1:11434" in ollama["Environment"]
     vllm = directives(SYSTEMD / "vllm@.service")
-    assert vllm["EnvironmentFile"] == ["/etc/llm-proxy/vllm-%i.env"]
+    # The operator's file, then the one the node agent writes when it switches models (optional).
+    assert vllm["EnvironmentFile"] == ["/etc/llm-proxy/vllm-%i.env", "-/var/lib/llm-proxy-node/vllm@%i.env"]
     start = vllm["ExecStart"][0].split()
     assert start[:3] == ["/opt/vllm/bin/vllm", "serve", "${MODEL}"]
     assert {"${SERVED_MODEL_NAME}", "${PORT}", "$EXTRA_ARGS"} <= set(start)

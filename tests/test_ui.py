@@ -308,7 +308,9 @@ def test_a_model_named_with_html_is_shown_as_text_and_runs_no_script(stack, page
         matrix = page.get_by_role("table", name="Models")
         expect()(matrix.get_by_role("rowheader", name=f"{XSS}:latest")).to_be_visible()
         page.get_by_role("link", name="Requests").click()
-        page.get_by_label("Model").fill(XSS)  # echoed back in no HTML either
+        # The Models page has a "Model" field too: wait until the Requests page has replaced it.
+        expect()(page.get_by_role("table", name="Requests")).to_be_visible()
+        page.get_by_role("textbox", name="Model", exact=True).fill(XSS)  # echoed back in no HTML either
         page.get_by_role("button", name="Apply").click()
         expect()(page.get_by_role("table", name="Requests")).to_contain_text("No requests match.")
         assert page.locator("img").count() == 0  # the tag stayed text; the page fixture fails on any alert()

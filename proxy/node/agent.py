@@ -52,6 +52,7 @@ TOKEN_ENV = "LLM_PROXY_NODE_TOKEN"
 ADMIN_KEY_ENV = "LLM_PROXY_ADMIN_KEY"
 _VERSION_PATHS = {"ollama": "/api/version", "vllm": "/version"}
 _REGISTER_RETRY = 2.0  # seconds between registration attempts while the proxy does not answer
+_STARTING_BEAT = 1.0  # seconds between heartbeats while the runtime is not running yet
 _ARGUMENT = re.compile(r"(?!-)(?!.*\.\.)[A-Za-z0-9._:/@-]{1,256}")  # the rule of proxy/operations/activate.py
 
 
@@ -90,13 +91,14 @@ class Agent:
             log_path = settings.log_path or os.path.join(settings.models_dir, "runtime.log")
             self.supervisor = ChildSupervisor(settings.run, config.supervisor, log_path, env=child_env)
         elif settings.systemd_unit:
-            self.supervisor = SystemdUnit(settings.systemd_unit)
+            self.supervisor = SystemdUnit(settings.systemd_unit, env_dir=config.systemd.env_dir)
         else:
             self.supervisor = External()
         self.install_lock = asyncio.Lock()
         self.started = time.monotonic()
         self.registered = False
         self.last_heartbeat: float | None = None
+        self.reported_state: str | None = None  # the runtime's state in the last registration or heartbeat
         self._http: httpx.AsyncClient | None = None
         self._beat: asyncio.Task | None = None
 
@@ -172,6 +174,7 @@ class Agent:
                 "agent_url": self.settings.listen_url, "token": self.token, "hardware": snap["hardware"],
                 "runtime": snap["runtime"], "alerts": snap["alerts"],
                 "gpu_memory_gb": hardware.gpu_memory_gb(snap["hardware"])}  # fmt: skip
+        self.reported_state = snap["runtime"]["state"]
         answer = await self._http.post(self.settings.proxy_url.rstrip("/") + "/admin/agents", json=body,
                                        headers=self._admin_headers())  # fmt: skip
         if answer.status_code not in (200, 201):
@@ -181,6 +184,7 @@ class Agent:
 
     async def heartbeat(self) -> None:
         snap = await self.snapshot()
+        self.reported_state = snap["runtime"]["state"]
         url = f"{self.settings.proxy_url.rstrip('/')}/admin/agents/{self.settings.name}/heartbeat"
         answer = await self._http.post(url, content=orjson.dumps(snap), headers={**self._admin_headers(),
                                        "content-type": "application/json"})  # fmt: skip
@@ -198,6 +202,9 @@ class Agent:
                 else:
                     await self.heartbeat()
                 wait = self.config.heartbeat_interval
+                if self.reported_state != "running":
+                    # A runtime still starting: say so the moment it runs, so the proxy routes to it then.
+                    wait = min(_STARTING_BEAT, wait)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the proxy may be down or restarting: keep trying
@@ -341,9 +348,15 @@ async def _activate(agent: Agent, request: Request) -> Response:
         if not isinstance(value, str) or not _ARGUMENT.fullmatch(value):
             raise InvalidRequest(f"{key} must be a model id or path: letters, digits and ._:/@- only, not starting "
                                  "with - and without ..", param=key)  # fmt: skip
+    if isinstance(agent.supervisor, SystemdUnit):
+        try:
+            env_file = await agent.supervisor.switch_model(model, served, agent.settings.models_dir)
+        except (RuntimeError, OSError) as exc:
+            raise Conflict(f"switching {agent.supervisor.unit} to {model} failed: {exc}", param="model") from None
+        return _json({"env_file": str(env_file), "runtime": agent.supervisor.status()})
     if not isinstance(agent.supervisor, ChildSupervisor):
-        raise Conflict(f"the runtime runs in {agent.supervisor.mode} mode; only a runtime started with --run can be "
-                       "restarted onto another model by the agent", param="model")  # fmt: skip
+        raise Conflict(f"the runtime runs in {agent.supervisor.mode} mode; only a runtime the agent supervises "
+                       "(--run or --systemd-unit) can be restarted onto another model", param="model")  # fmt: skip
     argv = with_model(agent.supervisor.argv, model, served)
     await agent.supervisor.restart(argv)
     return _json({"argv": argv, "runtime": agent.supervisor.status()})

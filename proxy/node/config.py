@@ -61,11 +61,23 @@ class SupervisorConfig:
     log_backups: int = field(default=3, metadata=_check(_non_negative))
 
 
+def _absolute(value: str) -> str | None:
+    return None if os.path.isabs(value) else "expected an absolute directory path"
+
+
+@dataclass(frozen=True)
+class SystemdConfig:
+    # Where the agent writes `<unit>.env` (MODEL, SERVED_MODEL_NAME) before `systemctl restart <unit>`;
+    # the runtime's unit reads it with EnvironmentFile=. The agent unit's StateDirectory by default.
+    env_dir: str = field(default="/var/lib/llm-proxy-node", metadata=_check(_absolute))
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     thresholds: Thresholds = Thresholds()
     disk: DiskLimits = DiskLimits()
     supervisor: SupervisorConfig = SupervisorConfig()
+    systemd: SystemdConfig = SystemdConfig()
     # The environment variable holding the Hugging Face token (never written to the file itself).
     hf_token_env: str = field(default="HF_TOKEN", metadata=_check(_env_name))
     # Seconds between heartbeats to the proxy.

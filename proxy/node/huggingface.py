@@ -5,9 +5,18 @@ layout under the agent's ``--models-dir`` (``models--org--name/blobs``,
 ``snapshots/<commit>``, ``refs``), so ``vllm serve org/name`` finds them with
 ``HF_HUB_CACHE`` pointing there, offline. ``HF_ENDPOINT`` picks the hub (a
 mirror, or a fake one in the tests); the token comes from the environment
-variable the agent's config names. The client resumes a file whose transfer
-broke off (``Range``), and files already in the cache are not fetched again,
-so a retried pull continues where the last one stopped.
+variable the agent's config names.
+
+Resuming: the client resumes a transfer that breaks off within one call
+(``Range``), but it writes each download to a temporary file unique to that
+call and deletes it when the call fails, so a cancelled or failed pull (or an
+agent restarted) would start every partial file over. So the bytes are fetched
+here, with the client's own ``http_get``, into a stable
+``blobs/<etag>.incomplete`` that outlives the call: the next attempt asks for
+``Range: bytes=<size on disk>-``. The finished blob is renamed into place and
+``hf_hub_download`` only links it into the snapshot. The ETag names the partial
+file, so bytes of an older version of a file are never continued with a newer
+one. Files already in the cache are not fetched again.
 
 Every file is then checked: its SHA-256 against the hub's LFS metadata (the
 git blob id for small files kept in git). A copy that does not match is
@@ -30,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -219,8 +229,15 @@ class HubClient:
             lfs = getattr(entry, "lfs", None)
             files.append(RepoFile(entry.path, int(entry.size), lfs.sha256 if lfs else None, entry.blob_id))
         plan = Plan(repo, revision, commit, sorted(files, key=lambda f: f.path))
-        snapshot = repo_folder(self.models_dir, repo) / "snapshots" / commit
-        plan.cached_bytes = sum(f.size for f in plan.files if (snapshot / f.path).is_file())
+        folder = repo_folder(self.models_dir, repo)
+        snapshot = folder / "snapshots" / commit
+        for f in plan.files:
+            if (snapshot / f.path).is_file():
+                plan.cached_bytes += f.size
+            else:  # what an interrupted attempt left: the download continues after it
+                with contextlib.suppress(OSError):
+                    partial = folder / "blobs" / f"{f.sha256 or f.git_oid}.incomplete"
+                    plan.cached_bytes += min(f.size, partial.stat().st_size)
         return plan
 
     # --- downloading ----------------------------------------------------------------------------
@@ -241,9 +258,11 @@ class HubClient:
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled("cancelled")
                 try:
+                    self._fetch_blob(plan, item, recorder)
+                    # The blob is in place: this only links it into the snapshot (a bad copy was
+                    # discarded below, so the next attempt fetched it again from byte 0).
                     path = hf_hub_download(plan.repo, item.path, revision=plan.commit, cache_dir=self.models_dir,
-                                           endpoint=self.endpoint, token=self.token, tqdm_class=recorder,
-                                           force_download=attempt > 1)  # fmt: skip
+                                           endpoint=self.endpoint, token=self.token, tqdm_class=recorder)  # fmt: skip
                 except Cancelled:
                     raise
                 except Exception as exc:
@@ -267,6 +286,42 @@ class HubClient:
         self._record(entry)
         progress(total, total, "all files verified")
         return {**entry, "refetched": refetched}
+
+    def _fetch_blob(self, plan: Plan, item: RepoFile, recorder: type) -> None:
+        """``blobs/<etag>`` complete, continuing the ``.incomplete`` bytes an earlier attempt left."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+        url = hf_hub_url(plan.repo, item.path, revision=plan.commit, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint)
+        if not meta.etag or "/" in meta.etag:
+            return  # no usable name for the blob: leave the whole transfer to hf_hub_download
+        blobs = repo_folder(self.models_dir, plan.repo) / "blobs"
+        blob = blobs / meta.etag
+        if blob.exists():
+            return
+        blobs.mkdir(parents=True, exist_ok=True)
+        partial = blobs / (meta.etag + ".incomplete")
+        headers = build_hf_headers(token=self.token)
+        headers["Accept-Encoding"] = "identity"  # a byte offset only means something in the raw file
+        if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)  # as the client does: the token is not sent to a CDN
+        # The client's own lock for this blob: a second process on the same cache waits rather than
+        # appending to the same partial file.
+        lock = Path(self.models_dir, ".locks", repo_folder(self.models_dir, plan.repo).name, meta.etag + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            if blob.exists():
+                return
+            with open(partial, "ab") as f:
+                have = f.tell()
+                if meta.size is not None and have > meta.size:
+                    f.truncate(0)  # longer than the file can be: not a prefix of it
+                    have = 0
+                http_get(meta.location, f, resume_size=have, headers=headers, expected_size=meta.size,
+                         displayed_filename=item.path, tqdm_class=recorder)  # fmt: skip
+            os.replace(partial, blob)
 
     @staticmethod
     def _matches(item: RepoFile, path: str, digest: str) -> bool:

@@ -11,7 +11,11 @@ without stopping it (``PR_SET_PDEATHSIG``).
 
 systemd mode: the agent only runs ``systemctl`` (start, stop, restart, show);
 systemd restarts the unit. A unit already active is not started again, so an
-``ollama.service`` the operator runs is adopted, not doubled.
+``ollama.service`` the operator runs is adopted, not doubled. The unit owns the
+command line, so switching the model goes the systemd way: the agent writes
+``<env_dir>/<unit>.env`` (``MODEL``, ``SERVED_MODEL_NAME``; atomically, 0644),
+which the unit reads with ``EnvironmentFile=``, then restarts the unit. The
+names are not ``VLLM_*``: vLLM warns about every unknown variable of its own prefix.
 
 External (neither): the runtime is someone else's; the agent only watches it.
 """
@@ -256,12 +260,27 @@ def parse_show(text: str, now_monotonic: float) -> dict:
             "unit_state": f"{active}/{values.get('SubState', '')}"}  # fmt: skip
 
 
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """``path`` holds ``data`` whole or keeps its old content: a unit starting meanwhile never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # whatever the umask
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class SystemdUnit:
     mode = "systemd"
 
-    def __init__(self, unit: str, runner: Runner = run_command) -> None:
+    def __init__(self, unit: str, runner: Runner = run_command, env_dir: str | None = None) -> None:
         self.unit = unit
         self.runner = runner
+        self.env_dir = env_dir
         self._last: dict = {"pid": None, "state": "unknown", "restarts": 0, "uptime_seconds": None}
 
     async def _systemctl(self, action: str) -> str:
@@ -283,6 +302,26 @@ class SystemdUnit:
         if argv is not None:
             raise RuntimeError(f"{self.unit} is a systemd unit: its command line is the unit's, change it there")
         await self._systemctl("restart")
+
+    @property
+    def env_file(self) -> Path | None:
+        if not self.env_dir:
+            return None
+        return Path(self.env_dir, self.unit.removesuffix(".service") + ".env")
+
+    async def switch_model(self, model: str, served_name: str, cache_dir: str | None = None) -> Path:
+        """The unit restarted on ``model``, served as ``served_name`` (both already checked as plain ids);
+        ``cache_dir``, the agent's models directory, is where the runtime looks for Hugging Face weights."""
+        target = self.env_file
+        if target is None:
+            raise RuntimeError(f"{self.unit}: no systemd.env_dir in the agent config to write the model to")
+        text = (f"# Written by llm-proxy node: the model {self.unit} serves. Replaced at each switch; "
+                f"the unit reads it with EnvironmentFile=.\nMODEL={model}\nSERVED_MODEL_NAME={served_name}\n")  # fmt: skip
+        if cache_dir:
+            text += f"HF_HUB_CACHE={cache_dir}\n"
+        await asyncio.to_thread(write_atomically, target, text.encode())
+        await self._systemctl("restart")
+        return target
 
     async def stop(self) -> None:
         """The agent stopping leaves the unit to systemd: it was running before us, or systemd starts it at boot."""

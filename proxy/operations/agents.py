@@ -8,6 +8,13 @@ would, with the GPU memory the agent detected as its ``gpu_memory_gb``, so
 that exists (from the config file, or registered before) is linked to the
 agent; its kind must match.
 
+Every registration carries the GPU memory measured then, so a GPU swapped or
+added shows at the agent's next start: a node's ``gpu_memory_gb`` follows it
+(stored, for a registered node), and so do its tier models (an Ollama node is
+sent the pulls of its new tier, as at its first registration). A node of the
+config file with ``gpu_memory_gb`` written there keeps that figure: the file
+is the operator's word.
+
 The link (URL, token) is kept with a registered node's row, the token sealed
 (:mod:`proxy.storage.sealed`), so it survives a restart; for a node of the
 config file it lives in the change feed only, and the agent's next heartbeat
@@ -19,6 +26,7 @@ every proxy process shows the same hardware, runtime and alerts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +37,7 @@ from ..config import _http_url
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..storage.sealed import SealError
 from ..store.base import AGENT, Change
+from .distribution import tier_models
 
 if TYPE_CHECKING:
     from .fleet import Fleet
@@ -126,6 +135,8 @@ class AgentLinks:
                 raise Conflict(f"Node {name!r} exists as a {config.kind} node; the agent says {kind}", param="kind")
             if self.fleet.registry.source(name) == "registered":
                 await self.fleet.registry.store.set_agent(name, stored)
+            if gpu is not None:
+                ops = await self._set_gpu(name, float(gpu))
         else:
             spec = {"name": name, "kind": kind, "url": url}
             if gpu is not None:
@@ -134,9 +145,37 @@ class AgentLinks:
             created = True
         link = await self._set(name, agent_url, sealed)
         link.snapshot, link.seen = _snapshot(body), time.time()
-        await self.fleet.store.publish(AGENT, name, {**stored, "snapshot": link.snapshot, "seen": link.seen})
+        await self.fleet.store.publish(AGENT, name, {**stored, "snapshot": link.snapshot, "seen": link.seen,
+                                                     "gpu_memory_gb": self.fleet.registry.config_of(name).gpu_memory_gb})  # fmt: skip
         log.info("agent of node %s %s at %s", name, "registered" if created else "linked", agent_url)
         return link.snapshot, ops, created
+
+    def _file_gpu(self, name: str) -> float | None:
+        return next((b.gpu_memory_gb for b in self.parts.config.backends if b.name == name), None)
+
+    def _apply_gpu(self, name: str, gpu: float | None) -> bool:
+        """The node's config with ``gpu`` as its GPU memory, in this process; True if that changed it."""
+        backend = self.parts.catalog.backends.get(name)
+        if backend is None or gpu is None or backend.config.gpu_memory_gb == gpu or self._file_gpu(name) is not None:
+            return False
+        old = backend.config.gpu_memory_gb
+        backend.config = dataclasses.replace(backend.config, gpu_memory_gb=gpu)
+        log.info("node %s: gpu_memory_gb %s -> %g, as its agent measured", name, old, gpu)
+        return True
+
+    async def _set_gpu(self, name: str, gpu: float) -> list:
+        old = self.fleet.registry.config_of(name).gpu_memory_gb
+        if not self._apply_gpu(name, gpu):
+            return []
+        if self.fleet.registry.source(name) == "registered":
+            await self.fleet.registry.store.set_gpu_memory(name, gpu)
+        config = self.fleet.registry.config_of(name)
+        if config.kind != "ollama":
+            return []
+        tiers = self.parts.config.distribution.tiers
+        had = set(tier_models(tiers, old))
+        return [self.fleet.submit_pull(name, model, scheduled=True)
+                for model in tier_models(tiers, gpu) if model not in had]  # fmt: skip
 
     async def heartbeat(self, name: str, body: dict) -> None:
         link = self.links.get(name)
@@ -145,6 +184,11 @@ class AgentLinks:
                            param="name")  # fmt: skip
         link.snapshot, link.seen = _snapshot(body), time.time()
         await self.fleet.store.publish(AGENT, name, {"snapshot": link.snapshot, "seen": link.seen})
+        # An agent registers as it starts its runtime, so the first probe usually finds nothing yet: once the
+        # agent says the runtime runs, look again now rather than at the next health round.
+        runtime = link.snapshot.get("runtime") or {}
+        if runtime.get("state") == "running" and self.parts.catalog.views[name].reachable is not True:
+            self.fleet.spawn(self.parts.catalog.refresh_if_stale())
 
     async def apply(self, change: Change) -> None:
         """Another process heard from an agent."""
@@ -160,6 +204,7 @@ class AgentLinks:
                 return
         if link is not None:
             link.snapshot, link.seen = data.get("snapshot", link.snapshot), data.get("seen", link.seen)
+        self._apply_gpu(change.key, data.get("gpu_memory_gb"))
 
     # --- what the node view shows ---------------------------------------------------------------
 
@@ -169,11 +214,18 @@ class AgentLinks:
         if link is None:
             return {"agent": False, "hardware": None, "runtime": None, "alerts": []}
         error = None
+        # One connect timeout in all, connecting included: GET /admin/nodes asks every agent at once,
+        # so a dead or hung agent costs the list that long and no more.
+        bound = self.parts.config.timeouts.connect
         try:
-            link.snapshot = _snapshot(await link.client.status(timeout=self.parts.config.timeouts.connect * 2))
+            async with asyncio.timeout(bound):
+                status = await link.client.status(timeout=bound * 2)  # the outer bound is the one that counts
+            link.snapshot = _snapshot(status)
             link.seen = time.time()
+        except TimeoutError:
+            error = f"the agent at {link.url} did not answer within {bound:g}s"
         except Exception as exc:  # the agent is down: show what it said last, and why this is old
-            error = getattr(exc, "message", None) or type(exc).__name__
+            error = f"the agent at {link.url}: {getattr(exc, 'message', None) or type(exc).__name__}"
         snap = link.snapshot or {}
         return {"agent": True, "hardware": snap.get("hardware"), "runtime": snap.get("runtime"),
                 "alerts": snap.get("alerts") or [], "agent_url": link.url, "agent_error": error,

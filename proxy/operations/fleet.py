@@ -108,12 +108,12 @@ class Fleet:
         await self.agents.prune()
         if added:
             await self.agents.load()
-            self._spawn(self.parts.catalog.refresh())  # what the new node serves, before anyone asks
+            self.spawn(self.parts.catalog.refresh())  # what the new node serves, before anyone asks
 
     async def _alias_changed(self, change: Change) -> None:
         if await self.aliases.apply():
             # The new target may have been pulled a moment ago, by another process.
-            self._spawn(self.parts.catalog.refresh_if_stale())
+            self.spawn(self.parts.catalog.refresh_if_stale())
 
     async def start(self) -> None:
         await self.feed.begin()  # first: a change made while we load is applied again, never missed
@@ -142,7 +142,7 @@ class Fleet:
             except Exception:
                 log.exception("the scheduled sync failed")
 
-        self._spawn(run())  # in the background: collecting what nodes hold must not hold up the feed
+        self.spawn(run())  # in the background: collecting what nodes hold must not hold up the feed
 
     async def close(self) -> None:
         try:
@@ -159,11 +159,12 @@ class Fleet:
 
         async def run(op: Operation, manager: OperationManager) -> None:
             await runner(op, manager)
-            self._spawn(self.parts.catalog.refresh())
+            self.spawn(self.parts.catalog.refresh())
 
         return run
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run ``coro`` in the background, kept referenced until it ends and cancelled on close."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -177,7 +178,7 @@ class Fleet:
 
     async def register_node(self, spec: dict, agent: dict | None = None) -> tuple[BackendConfig, list[Operation]]:
         config = await self.registry.register(spec, agent)
-        self._spawn(self.parts.catalog.refresh())
+        self.spawn(self.parts.catalog.refresh())
         ops = []
         if config.kind == "ollama":
             # Automatic distribution: the node's tier models, as scheduled pulls (inside pulls.window).

@@ -133,6 +133,16 @@ class NodeStore:
                 return True
         return False
 
+    async def set_gpu_memory(self, name: str, gpu_memory_gb: float) -> bool:
+        """A registered node's GPU memory as its agent measured it again; False if no such row."""
+        for row_name, raw in await self.store.node_rows():
+            if row_name == name:
+                spec = orjson.loads(raw)
+                spec["gpu_memory_gb"] = gpu_memory_gb
+                await self.store.update_node_spec(name, orjson.dumps(spec).decode())
+                return True
+        return False
+
     async def _restore(self, name: str, raw: str) -> BackendConfig:
         spec = orjson.loads(raw)
         agent = spec.pop("agent", None)  # not a backend setting: read by agents()
