@@ -31,7 +31,7 @@ def _usage(usage: object) -> tuple[int | None, int | None]:
 
 
 class Exchange:
-    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed", "_tap", "_kept")
+    __slots__ = ("history", "metrics", "record", "endpoint", "model", "t0", "waited", "overhead", "_closed", "_tap", "_kept")  # fmt: skip
 
     def __init__(self, history: History, metrics: Metrics, operation: str, token: bytes | None) -> None:
         self.history = history
