@@ -15,7 +15,7 @@ import pytest
 from proxy.sim import ModelSpec
 from proxy.sim.behavior import PullBehavior
 from tests.support import wait_for
-from tests.ui_support import PHONE, WIDE, XSS, browser, fleet, need_browser, shoot
+from tests.ui_support import PHONE, WIDE, XSS, browser, fleet, need_browser, shoot, watched_tab
 
 pytestmark = pytest.mark.browser
 
@@ -31,20 +31,9 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def page(stack):
-    """A fresh tab at 1280 px; it fails the test if the page logs an error or opens any dialog box."""
-    context = stack["browser"].new_context(viewport=WIDE)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    # The browser logs every 4xx answer as an error ("Failed to load resource"); those are tested for, not faults.
-    tab.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-           if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)  # fmt: skip
-    tab.on("dialog", lambda dialog: (problems.append(f"a script opened a {dialog.type}: {dialog.message}"),
-                                     dialog.dismiss()))  # fmt: skip
-    tab.set_default_timeout(10_000)
-    yield tab
-    context.close()
-    assert not problems, problems
+    """A fresh tab at 1280 px, failing the test on any page error or dialog box."""
+    with watched_tab(stack["browser"]) as tab:
+        yield tab
 
 
 def http(stack) -> httpx.Client:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.support import running_proxy
 from tests.test_admin_catalog import HUB, LIBRARY, FakeSources, closed_port_url
-from tests.ui_support import PHONE, WIDE, XSS, browser, need_browser, shoot
+from tests.ui_support import PHONE, XSS, browser, need_browser, shoot, watched_tab
 
 pytestmark = pytest.mark.browser
 
@@ -39,17 +39,8 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def page(stack):
-    context = stack["browser"].new_context(viewport=WIDE)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    tab.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-           if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)  # fmt: skip
-    tab.on("dialog", lambda dialog: (problems.append(f"a script opened a {dialog.type}"), dialog.dismiss()))
-    tab.set_default_timeout(10_000)
-    yield tab
-    context.close()
-    assert not problems, problems
+    with watched_tab(stack["browser"]) as tab:
+        yield tab
 
 
 def expect():

@@ -14,7 +14,7 @@ import pytest
 from tests.hub_fake import FakeHub, tiny_repo  # first: the client's environment
 from tests.node_support import free_port, running_agent, sim_command, wait_until  # noqa: E402
 from tests.support import running_proxy  # noqa: E402
-from tests.ui_support import WIDE, XSS, browser, need_browser, shoot  # noqa: E402
+from tests.ui_support import XSS, browser, need_browser, shoot, watched_tab  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -42,16 +42,8 @@ def test_the_nodes_page_shows_an_agents_report_and_an_install_with_progress(tmp_
 
             assert wait_until(lambda: httpx.get(f"{proxy.url}/admin/nodes/gpu-ui").json()["runtime"]["state"]
                               == "running", 60), agent.log()  # fmt: skip
-            with browser() as chromium:
-                context = chromium.new_context(viewport=WIDE)
-                page = context.new_page()
-                problems: list[str] = []
-                page.on("pageerror", lambda exc: problems.append(str(exc)))
-                page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-                page.set_default_timeout(20_000)
+            with browser() as chromium, watched_tab(chromium, timeout_ms=20_000) as page:
                 _check(page, proxy.url, tmp_path)
-                context.close()
-            assert not problems, problems
 
 
 def _check(page, url: str, tmp_path: Path) -> None:

@@ -58,6 +58,27 @@ def browser():
             chromium.close()
 
 
+@contextlib.contextmanager
+def watched_tab(chromium, viewport: dict = WIDE, timeout_ms: int = 10_000):
+    """A fresh tab that fails the test if the page throws, logs an error or opens any dialog box
+    (a dialog would mean API data ran as script)."""
+    context = chromium.new_context(viewport=viewport)
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    # The browser logs every 4xx answer as an error ("Failed to load resource"); those are tested for, not faults.
+    tab.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
+           if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)  # fmt: skip
+    tab.on("dialog", lambda dialog: (problems.append(f"a script opened a {dialog.type}: {dialog.message}"),
+                                     dialog.dismiss()))  # fmt: skip
+    tab.set_default_timeout(timeout_ms)
+    try:
+        yield tab
+    finally:
+        context.close()
+    assert not problems, problems
+
+
 def screenshot_dir() -> str:
     path = os.environ.get("LLM_PROXY_SCREENSHOTS") or os.path.join(tempfile.gettempdir(), "llm-proxy-screenshots")
     os.makedirs(path, exist_ok=True)
