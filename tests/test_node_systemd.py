@@ -6,26 +6,16 @@ the commands it runs, and a unit already active adopted rather than started twic
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
 
-import pytest
-
 from proxy.cli import build_parser
-from tests.test_systemd import SYSTEMD, directives, needs_analyze, verify
+from tests.test_systemd import SYSTEMD, directives, needs_analyze, unit_dir, verify  # noqa: F401 (unit_dir: a fixture)
 
 UNIT = SYSTEMD / "llm-proxy-node.service"
 
 
-@pytest.fixture
-def unit_dir(tmp_path):
-    target = tmp_path / "units"
-    shutil.copytree(SYSTEMD, target)
-    return target
-
-
 @needs_analyze
-def test_the_agent_unit_passes_systemd_analyze_verify(unit_dir):
+def test_the_agent_unit_passes_systemd_analyze_verify(unit_dir):  # noqa: F811 (the fixture)
     assert verify(unit_dir / "llm-proxy-node.service") == []
     unit = unit_dir / "llm-proxy-node.service"
     unit.write_text(unit.read_text().replace("KillMode=mixed", "KillMode=gentle"))

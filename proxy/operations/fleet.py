@@ -290,32 +290,26 @@ class Fleet:
             raise InvalidRequest('nodes must be a non-empty list of node names or "all"', param="nodes")
         for name in targets:
             self.registry.ollama(name)
-            pulling = self.manager.active("pull", node=name, model=model)
-            if pulling is not None:
-                raise Conflict(f"{model} is being pulled on {name} (operation {pulling.id}); cancel that first",
-                               param="nodes")  # fmt: skip
-        if not force:
-            in_use = self._aliases_using(model, targets)
-            if in_use:
-                raise Conflict(f"{model} is what {'; '.join(in_use)} point(s) to; activate another model first, "
-                               'or send "force": true', param="model")  # fmt: skip
+        self._refuse_delete(model, targets, None if force else self._aliases_using(model, targets))
         ops = [self.manager.submit(Operation("delete", model, name)) for name in targets]
         for op in ops:
             await self.manager.wait(op.id, timeout=_DELETE_WAIT)
         return ops
 
-    async def _delete_hf(self, model: str, nodes, *, force: bool) -> list[Operation]:
-        targets = self._hf_targets(nodes)
+    def _refuse_delete(self, model: str, targets, in_use: list[str] | None) -> None:
+        """A delete waits for no pull of the model and, unless forced (``in_use`` None), for no alias on it."""
         for name in targets:
             pulling = self.manager.active("pull", node=name, model=model)
             if pulling is not None:
                 raise Conflict(f"{model} is being pulled on {name} (operation {pulling.id}); cancel that first",
                                param="nodes")  # fmt: skip
-        if not force:
-            in_use = self._aliases_serving(model, targets)
-            if in_use:
-                raise Conflict(f"{model} is what {'; '.join(in_use)} point(s) to; activate another model first, "
-                               'or send "force": true', param="model")  # fmt: skip
+        if in_use:
+            raise Conflict(f"{model} is what {'; '.join(in_use)} point(s) to; activate another model first, "
+                           'or send "force": true', param="model")  # fmt: skip
+
+    async def _delete_hf(self, model: str, nodes, *, force: bool) -> list[Operation]:
+        targets = self._hf_targets(nodes)
+        self._refuse_delete(model, targets, None if force else self._aliases_serving(model, targets))
         ops = [self.manager.submit(Operation("delete", model, n, {"source": "huggingface"})) for n in targets]
         for op in ops:
             await self.manager.wait(op.id, timeout=_DELETE_WAIT)
