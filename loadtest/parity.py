@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     md, csv_path = args.out_dir / f"{args.name}.md", args.out_dir / f"{args.name}.csv"
     command = shlex.join(["python", "-m", "loadtest.parity", *argv])
     write_csv(csv_path, results, args.backend)
-    write_markdown(md, results, machine(), command, args.backend, csv_path.name, started, elapsed, args.quick)
+    write_markdown(
+        md, results, machine(), command, args.backend, csv_path.name, started, elapsed, args.quick, args.profile
+    )
     checks = [c for r in results for c in r.checks]
     for c in checks:
         print(f"{'pass' if c.ok else 'FAIL'}  {c.scenario:<12} {c.what}: {c.measured} (target {c.target})")

@@ -149,8 +149,34 @@ def scenario_table(result: ScenarioResult) -> list[str]:
     return lines
 
 
+# Where a report's missed targets are explained: what the profile shows and what would close each.
+ANALYSIS = "changes.md#where-the-time-goes-target-by-target"
+
+
+def profile_section(results: list[ScenarioResult], profiles: Path) -> list[str]:
+    """The first round's py-spy split (where the GIL time goes) of every proxy path, per scenario."""
+    lines = ["## Where the proxy's time goes (py-spy)", "",
+             "Sampled at 500 Hz with `--gil` during each proxy path's first round; py-spy itself runs on the same "
+             "cores, so this run's other figures are a little worse than an unprofiled run's. Full summaries "
+             f"(functions by own and inclusive time) are the `.md` files next to the raw profiles in `{profiles}`.",
+             ""]  # fmt: skip
+    for result in results:
+        sc = result.scenario
+        for leg in sc.legs:
+            if leg.target == "direct":
+                continue
+            summary = profiles / f"{sc.name}-{leg.label}-r1.md"
+            if not summary.exists():
+                continue
+            text = summary.read_text().split("\n\nTop ", 1)[0]  # the headline and the split by owner
+            head, _, table = text.partition("\n\n")
+            lines += [f"### {sc.name}, {leg.label}", "", head.split(": ", 1)[-1] + ".", "", table, ""]
+    return lines
+
+
 def write_markdown(path: Path, results: list[ScenarioResult], info: dict[str, str], command: str, backend: str,
-                   csv_name: str, started: datetime, elapsed: float, quick: bool) -> None:  # fmt: skip
+                   csv_name: str, started: datetime, elapsed: float, quick: bool,
+                   profiles: Path | None = None) -> None:  # fmt: skip
     checks = [c for r in results for c in r.checks]
     failed = [c for c in checks if not c.ok]
     lines = [
@@ -179,6 +205,11 @@ def write_markdown(path: Path, results: list[ScenarioResult], info: dict[str, st
     ]
     lines += [f"| {c.scenario} | {c.what} | {c.target} | {c.measured} | {'pass' if c.ok else '**FAIL**'} |"
               for c in checks]  # fmt: skip
+    if failed:
+        lines += [
+            "",
+            f"Why each missed target is missed, with its profile, and what would close it: [changes.md]({ANALYSIS}).",
+        ]
     lines += ["", "## Results", "",
               "Times in milliseconds. Latency is the whole answer (a stream: until `data: [DONE]`); TTFT is the "
               "first content token; `failed` is the share of requests that failed. Proxy CPU and peak RSS are the "
@@ -197,4 +228,6 @@ def write_markdown(path: Path, results: list[ScenarioResult], info: dict[str, st
         if errors:
             lines += ["", "Errors: " + "; ".join(f"{msg} ({n}×)" for msg, n in list(errors.items())[:5])]
         lines.append("")
+    if profiles is not None:
+        lines += profile_section(results, profiles)
     path.write_text("\n".join(lines))

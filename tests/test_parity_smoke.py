@@ -111,3 +111,21 @@ def test_checks_of_the_issue_15_scenarios():
     assert [c.ok for c in checks_for(streams, {"proxy@1000": few, "proxy": many}, Limits())] == [True, True]
     many.peak_open_streams, many.proxy_peak_rss_mb = 9000, 1100.0
     assert [c.ok for c in checks_for(streams, {"proxy@1000": few, "proxy": many}, Limits())] == [False, False]
+
+
+def test_report_embeds_the_profile_split_of_each_proxy_path(tmp_path):
+    from loadtest.profile import summarize
+    from loadtest.report import ScenarioResult, profile_section
+
+    # py-spy's raw format: one collapsed stack per line (root first), then its sample count.
+    raw = tmp_path / "latency-proxy-r1.txt"
+    raw.write_text("main (proxy/cli.py:1);serve (uvicorn/server.py:2) 30\n"
+                   "main (proxy/cli.py:1);relay (proxy/gateway.py:3) 70\n")  # fmt: skip
+    raw.with_suffix(".md").write_text(summarize(raw, requests=100, rate=500) + "\n")
+    result = ScenarioResult(SCENARIOS["latency"], {}, [], [], [])
+    text = "\n".join(profile_section([result], tmp_path))
+    assert "### latency, proxy" in text and "### latency, direct" not in text
+    assert "100 samples = 0.20 s holding the GIL over 100 requests = 2000 us per request." in text
+    assert "| llm-proxy's own code | 1400 | 70% |" in text
+    assert "| uvicorn: parsing requests, writing responses | 600 | 30% |" in text
+    assert "Top 15 functions" not in text  # the split only; the full summary stays beside the raw file
