@@ -2,6 +2,7 @@
 
     python -m loadtest.cost                          # chat, features as shipped, 300 requests
     python -m loadtest.cost --kind stream --features off --requests 200
+    python -m loadtest.cost --kind stream --tokens 50 --paced 100  # one chunk per read, as at 2 tokens/s
 
 CPU time per request, read from ``/proc``, is the benchmark's figure, but on a 2-core machine
 shared with other work it moves by 10-30% between identical runs (caches, frequency, the other
@@ -74,13 +75,13 @@ class CountedProxy(Service):
         return total
 
 
-def _requests(port: int, model: str, kind: str, count: int, start: int) -> int:
+def _requests(port: int, model: str, kind: str, count: int, start: int, tokens: int = 20) -> int:
     """``count`` sequential requests on one keep-alive connection; how many chunks streams carried."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     chunks = 0
     try:
         for i in range(start, start + count):
-            body = {"model": model, "max_tokens": 36,
+            body = {"model": model, "max_tokens": tokens + 16,
                     "messages": [{"role": "user", "content": f"Write two sentences about load testing. [{i}]"}]}  # fmt: skip
             if kind == "stream":
                 body["stream"] = True
@@ -104,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["ollama", "vllm"], default="ollama")
     p.add_argument("--requests", type=int, default=300, help="requests counted")
     p.add_argument("--warmup", type=int, default=100, help="requests before counting starts")
+    p.add_argument("--tokens", type=int, default=20, help="tokens per answer (two lengths: the slope is per chunk)")
+    p.add_argument("--paced", type=float, default=0, metavar="TOKENS_PER_S",
+                   help="the backend sends this many tokens a second (0: all at once), so each chunk arrives "
+                        "in a read of its own as at 2 tokens/s; valgrind is slow, 100 keeps that true")  # fmt: skip
+    p.add_argument("--idle", type=float, default=None, metavar="SECONDS",
+                   help="first count the idle proxy this long and subtract its rate over the requests' time "
+                        "(its timers: uvicorn's tick, probes); default 10 when --paced, whose slow requests "
+                        "would otherwise carry ~1.4 M instructions a second of it, else 0")  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the callgrind profile and logs; prints where")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -112,19 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llm-proxy-cost-"))
     services: list[Service] = []
     try:
-        sim = Sim(args.backend, reply_of(20), workdir)
+        sim = Sim(args.backend, reply_of(args.tokens), workdir)
         services.append(sim)
-        sim.behave(reply=reply_of(20), ttft=0, tokens_per_second=0)
+        sim.behave(reply=reply_of(args.tokens), ttft=0, tokens_per_second=args.paced)
         proxy = CountedProxy(sim, workdir, args.features)
         services.append(proxy)
-        _requests(proxy.port, sim.model, args.kind, args.warmup, 0)
+        _requests(proxy.port, sim.model, args.kind, args.warmup, 0, args.tokens)
+        idle_seconds = args.idle if args.idle is not None else (10.0 if args.paced else 0.0)
+        idle = idle_rate = 0.0
+        if idle_seconds > 0:
+            proxy.control("-i", "on")
+            started = time.monotonic()
+            time.sleep(idle_seconds)
+            proxy.control("-d")
+            idle = proxy.instructions()
+            idle_rate = idle / (time.monotonic() - started)
         proxy.control("-i", "on")
         started = time.monotonic()
-        chunks = _requests(proxy.port, sim.model, args.kind, args.requests, args.warmup)
+        chunks = _requests(proxy.port, sim.model, args.kind, args.requests, args.warmup, args.tokens)
         proxy.control("-d")
         elapsed = time.monotonic() - started
         proxy.control("-i", "off")
-        total = proxy.instructions()
+        total = proxy.instructions() - idle
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -135,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profile and logs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    per = total / args.requests
-    line = f"{args.kind}, features {args.features}, {args.backend}: {per / 1e6:.3f} M instructions per request"
+    per = (total - idle_rate * elapsed) / args.requests
+    paced = f", paced {args.paced:g} tokens/s" if args.paced else ""
+    line = (f"{args.kind}, features {args.features}, {args.backend}, {args.tokens} tokens{paced}: "
+            f"{per / 1e6:.3f} M instructions per request")  # fmt: skip
     if chunks:
         line += f" ({chunks / args.requests:.0f} chunks each)"
+    if idle_rate:
+        line += f" (idle {idle_rate / 1e6:.2f} M/s subtracted: {idle_rate * elapsed / args.requests / 1e6:.3f} M each)"
     print(f"{line} ({args.requests} requests in {elapsed:.0f} s under valgrind)")
     return 0
 

@@ -68,7 +68,7 @@ class UsageTap:
         if self._pending:
             frame, self._pending = self._pending + frame, b""
         if not frame.endswith(b"\n\n"):  # a partial event waits for the rest (a client can't use half of one)
-            if b"\r" in frame:
+            if frame.find(b"\r") >= 0:
                 frame = frame.replace(b"\r\n", b"\n")
             cut = frame.rfind(b"\n\n") + 2
             frame, self._pending = frame[:cut], frame[cut:]
@@ -76,7 +76,9 @@ class UsageTap:
                 return b""
         if self._template is None and frame.startswith(b"data: {"):
             self._template = frame
-        if not (b"usage" in frame or b"[DONE]" in frame):
+        # find() rather than `in`, on every chunk: CPython 3.11's bytes `in` first tries the needle as an
+        # integer and formats a TypeError it then drops, several times the cost of the search itself.
+        if frame.find(b"usage") < 0 and frame.find(b"[DONE]") < 0:
             if self.count:
                 self.pieces += len(_PIECE.findall(frame))
             return frame
@@ -147,13 +149,13 @@ async def relayed(frames: AsyncIterator[bytes], tap: UsageTap, *, drop_usage: bo
     """
     try:
         async for frame in frames:
-            if before_end is not None and b"[DONE]" in frame and tap.usage is None:
+            if before_end is not None and frame.find(b"[DONE]") >= 0 and tap.usage is None:
                 await before_end()
             out = tap.feed(frame)
             if out:
                 if store is not None:
                     store.feed(out)
-                if drop_usage and b"usage" in out:
+                if drop_usage and out.find(b"usage") >= 0:
                     out = without_usage(out)
                 if out:
                     if keep is not None:

@@ -227,17 +227,22 @@ class Upstream:
         decode = self._decode
         async with aclosing(self.chunks(resp)) as chunks:
             async for chunk in chunks:
-                if b"\n" not in chunk:
+                end = chunk.rfind(b"\n")  # not `in`: CPython 3.11's bytes `in` formats and drops a TypeError
+                if end < 0:
                     parts.append(chunk)
                     continue
                 if parts:
+                    end += sum(map(len, parts))
                     parts.append(chunk)
                     chunk = b"".join(parts)
                     parts = []
-                *complete, rest = chunk.split(b"\n")
-                if rest:
-                    parts.append(rest)
-                batch = [decode(line) for line in complete if line.strip()]
+                if end + 1 < len(chunk):
+                    parts.append(chunk[end + 1 :])
+                if chunk.find(b"\n") == end:  # one line, as paced tokens arrive: no split, no list to filter
+                    line = chunk[:end] if end + 1 < len(chunk) else chunk
+                    batch = [decode(line)] if line.strip() else []
+                else:
+                    batch = [decode(line) for line in chunk[: end + 1].split(b"\n") if line.strip()]
                 if batch:
                     yield batch
         pending = b"".join(parts)

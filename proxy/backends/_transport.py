@@ -102,12 +102,16 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self) -> None:
-        self.waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self.waiter
-        finally:
-            self.waiter = None
+    def wait(self) -> asyncio.Future:
+        """A future that ``_wake`` resolves when bytes, the end or an error arrive: await it.
+
+        A plain future rather than a coroutine around one: a stream waits here once per chunk, and a
+        coroutine would be one more frame to leave and re-enter every time. A waiter left behind (done,
+        or cancelled with a reader that left) is harmless: ``_wake`` skips a done one, the next wait
+        replaces it.
+        """
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
     def take(self) -> bytes:
         chunk = self.chunks.popleft()
@@ -159,7 +163,7 @@ class Body(httpx.AsyncByteStream):
             raise conn.error
         return None
 
-    def wait(self):
+    def wait(self) -> asyncio.Future:
         return self.connection.wait()
 
     async def aclose(self) -> None:

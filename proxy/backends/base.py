@@ -84,7 +84,10 @@ class HTTPBackend:
 
 
 async def primed(frames: AsyncIterator[bytes]) -> Stream:
-    """Read until the first non-empty frame, so start-up failures raise here, then hand over the rest."""
+    """Read until the first non-empty frame, so start-up failures raise here, then hand over the rest.
+
+    The adapters' generators yield no empty frames after the first, so what follows is theirs as it is.
+    """
     first = b""
     try:
         while not first:
@@ -94,15 +97,34 @@ async def primed(frames: AsyncIterator[bytes]) -> Stream:
     except BaseException:
         await frames.aclose()  # type: ignore[attr-defined]
         raise
+    return Stream(_Primed(first, frames))
 
-    async def chain() -> AsyncIterator[bytes]:
-        try:
-            if first:
-                yield first
-            async for frame in frames:
-                if frame:
-                    yield frame
-        finally:
-            await frames.aclose()  # type: ignore[attr-defined]
 
-    return Stream(chain())
+class _Primed:
+    """The first frame, then the adapter's own generator: an iterator, not one more async generator.
+
+    Every chunk of a stream climbs each generator it passes through, and each layer is one more frame
+    to leave and re-enter at every suspension; handing out the adapter's own ``__anext__`` costs none.
+    """
+
+    __slots__ = ("first", "frames")
+
+    def __init__(self, first: bytes, frames: AsyncIterator[bytes]) -> None:
+        self.first = first
+        self.frames = frames
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    def __anext__(self):
+        if self.first:
+            return self._first()
+        return self.frames.__anext__()
+
+    async def _first(self) -> bytes:
+        first, self.first = self.first, b""
+        return first
+
+    async def aclose(self) -> None:
+        self.first = b""
+        await self.frames.aclose()  # type: ignore[attr-defined]

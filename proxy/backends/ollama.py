@@ -93,14 +93,20 @@ class OllamaBackend(HTTPBackend):
 
     async def _frames(self, batches: AsyncIterator[list[dict]], translator) -> AsyncIterator[bytes]:
         # The events of lines that arrived together go out together: one write to the client, not one each.
+        # No empty frame is yielded (a line may translate to nothing): whoever reads this counts on that.
         done = False
+        feed = translator.feed
         async with aclosing(batches):
             async for batch in batches:
                 good, ends = self._check(batch)
                 done = done or ends
                 if good:
-                    lines = batch if good == len(batch) else batch[:good]
-                    yield b"".join([translator.feed(line) for line in lines])
+                    if len(batch) == 1:  # paced tokens arrive a line per read
+                        out = feed(batch[0])
+                    else:
+                        out = b"".join([feed(line) for line in batch[:good]])
+                    if out:
+                        yield out
                 if good < len(batch):
                     raise self._failed(batch[good])  # what came before the failure reached the client
         if not done:

@@ -24,8 +24,11 @@ class ChunkFramer:
         head = {"id": self.id, "object": obj, "created": now(), "model": model}
         self._head = b'data: {"choices":[{"index":0,"' + field.encode() + b'":'
         self._shared = orjson.dumps(head)[1:] + b"\n\n"  # '"id":...}' and the event end
+        self._plain = b',"logprobs":null,"finish_reason":null}],' + self._shared  # most chunks end so
 
     def choice(self, value, logprobs=None, finish: str | None = None) -> bytes:
+        if logprobs is None and finish is None:
+            return self._head + orjson.dumps(value) + self._plain
         return (
             self._head
             + orjson.dumps(value)

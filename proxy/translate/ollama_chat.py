@@ -264,8 +264,14 @@ class ChatStream:
 
     def feed(self, line: dict) -> bytes:
         """SSE bytes for one native line (possibly several frames, possibly none)."""
-        out = b""
         msg = line.get("message") or {}
+        if self.role_sent and len(msg) == 2 and "role" in msg and not line.get("done") and not line.get("logprobs"):
+            # Nearly every line of an answer: a message of role and content only, what the rest below
+            # would make of it without its checks.
+            content = msg.get("content")
+            if content is not None:
+                return self.framer.choice({"content": content}) if content else b""
+        out = b""
         logprobs = {"content": line["logprobs"]} if line.get("logprobs") else None
         thinking = msg.get("thinking")
         if thinking:

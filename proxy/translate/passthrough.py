@@ -58,7 +58,9 @@ class ModelRenamer:
         """Rewrite whole SSE events; a partial event waits for the rest of its bytes."""
         if self.noop:
             return chunk
-        if b"\r" in chunk:  # some servers frame events with CRLF; the event split below wants LF
+        # find() rather than `in` below: this runs on every chunk, and CPython 3.11's bytes `in` formats
+        # and drops a TypeError each time (it tries the needle as an integer first).
+        if chunk.find(b"\r") >= 0:  # some servers frame events with CRLF; the event split below wants LF
             chunk = chunk.replace(b"\r\n", b"\n")
         if self._pending:
             # Kept in pieces until the event ends: joining on every chunk would copy a long
@@ -77,9 +79,9 @@ class ModelRenamer:
             chunk, rest = chunk[: cut + 2], chunk[cut + 2 :]
             self._pending = [rest]
         for old, new in self._patterns:
-            if old in chunk:
+            if chunk.find(old) >= 0:
                 return chunk.replace(old, new)
-        if b'"model":' not in chunk:
+        if chunk.find(b'"model":') < 0:
             return chunk
         return b"".join(self._event(e) for e in chunk.split(b"\n\n") if e)
 
